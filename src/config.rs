@@ -1,0 +1,235 @@
+//! Configuration: a TOML file, every key overridable by `SYNCBRIDGE_*` environment variables.
+//!
+//! With no file at all the bridge runs on an embedded default that needs no server (two SQLite
+//! files under `data/`), so `syncbridge run` works on a fresh machine.
+
+use crate::engine::policy::Mode;
+use anyhow::{Context, Result, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One store of the pair.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreConfig {
+    /// `redis://`, `rediss://`, `sqlite://` or `postgres://` URI.
+    pub uri: String,
+}
+
+/// How and what to sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncConfig {
+    /// Collections (tables, key prefixes) to keep in step.
+    pub collections: Vec<String>,
+    /// Which way changes flow.
+    pub mode: Mode,
+    /// Seconds between incremental reconciliation sweeps.
+    pub sweep_interval_secs: u64,
+    /// Seconds between full sweeps, for stores without a durable change log (Redis).
+    pub full_sweep_interval_secs: u64,
+    /// An incremental sweep looks back this far before the last sweep's start, for in-flight
+    /// transactions and clock skew.
+    pub sweep_margin_secs: u64,
+    /// `updatedAt` values further than this in the future are rejected, not trusted.
+    pub max_future_secs: u64,
+    /// Days a synced delete is remembered (so a late, older write cannot resurrect it).
+    pub tombstone_retention_days: u64,
+    /// Most records reconciled together.
+    pub batch_size: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            collections: vec!["customers".into()],
+            mode: Mode::Both,
+            sweep_interval_secs: 30,
+            full_sweep_interval_secs: 300,
+            sweep_margin_secs: 60,
+            max_future_secs: 3600,
+            tombstone_retention_days: 30,
+            batch_size: 500,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// The local store (the client's database).
+    pub local: StoreConfig,
+    /// The cloud store (the shared one).
+    pub cloud: StoreConfig,
+    /// What and how to sync.
+    #[serde(default)]
+    pub sync: SyncConfig,
+    /// Where the bridge keeps its own state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            local: StoreConfig {
+                uri: "sqlite://data/local.db".into(),
+            },
+            cloud: StoreConfig {
+                uri: "sqlite://data/cloud.db".into(),
+            },
+            sync: SyncConfig::default(),
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+/// Environment variables that name a key outside the `section_key` pattern.
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("MODE", "sync.mode"),
+    ("SWEEP_INTERVAL_SECS", "sync.sweep_interval_secs"),
+    ("DATA_DIR", "data_dir"),
+];
+
+impl Config {
+    /// Loads the embedded default, then `file` if given, then `SYNCBRIDGE_*` variables.
+    ///
+    /// `SYNCBRIDGE_LOCAL_URI` sets `local.uri`, `SYNCBRIDGE_SYNC_BATCH_SIZE` sets
+    /// `sync.batch_size`, and so on; `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS` and
+    /// `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let env = Env::prefixed("SYNCBRIDGE_")
+            .ignore(&["CONFIG", "COLLECTIONS", "LOG", "LOG_FORMAT"])
+            .map(|key| {
+                let upper = key.as_str().to_ascii_uppercase();
+                if let Some((_, path)) = ENV_ALIASES.iter().find(|(k, _)| *k == upper) {
+                    return (*path).into();
+                }
+                match upper.split_once('_') {
+                    Some((section, rest))
+                        if ["LOCAL", "CLOUD", "SYNC", "API"].contains(&section) =>
+                    {
+                        format!("{}.{}", section.to_lowercase(), rest.to_lowercase()).into()
+                    }
+                    _ => upper.to_lowercase().into(),
+                }
+            });
+        let mut config: Config = figment
+            .merge(env)
+            .extract()
+            .context("invalid configuration")?;
+        if let Ok(list) = std::env::var("SYNCBRIDGE_COLLECTIONS") {
+            config.sync.collections = list
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects settings the bridge cannot run with, saying why.
+    pub fn validate(&self) -> Result<()> {
+        if self.sync.collections.is_empty() {
+            bail!("sync.collections is empty: name at least one collection to sync");
+        }
+        for c in &self.sync.collections {
+            let ok = c
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+                && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                && c.len() <= 60;
+            if !ok {
+                bail!(
+                    "collection name {c:?} must be letters, digits and _ (a SQL table name), at most 60 characters"
+                );
+            }
+        }
+        for (name, uri) in [("local", &self.local.uri), ("cloud", &self.cloud.uri)] {
+            if uri.trim().is_empty() {
+                bail!("{name}.uri is empty");
+            }
+        }
+        if self.local.uri == self.cloud.uri {
+            bail!("local.uri and cloud.uri name the same store");
+        }
+        if self.sync.sweep_interval_secs == 0 || self.sync.full_sweep_interval_secs == 0 {
+            bail!("sweep intervals must be at least one second");
+        }
+        if self.sync.batch_size == 0 {
+            bail!("sync.batch_size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_needs_no_server() {
+        let c = Config::default();
+        assert!(c.local.uri.starts_with("sqlite://") && c.cloud.uri.starts_with("sqlite://"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
+    fn files_and_environment_override_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[local]\nuri = \"sqlite://a.db\"\n[cloud]\nuri = \"redis://127.0.0.1:6379/0\"\n\
+             [sync]\ncollections = [\"orders\"]\nmode = \"local-to-cloud\"\nsweep_interval_secs = 7\n",
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(Some(&path)).unwrap();
+            assert_eq!(c.cloud.uri, "redis://127.0.0.1:6379/0");
+            assert_eq!(c.sync.mode, Mode::LocalToCloud);
+            assert_eq!(c.sync.sweep_interval_secs, 7);
+            assert_eq!(c.sync.collections, vec!["orders"]);
+            jail.set_env("SYNCBRIDGE_CLOUD_URI", "sqlite://b.db");
+            jail.set_env("SYNCBRIDGE_MODE", "both-ways");
+            jail.set_env("SYNCBRIDGE_COLLECTIONS", "a, b");
+            jail.set_env("SYNCBRIDGE_SYNC_BATCH_SIZE", "9");
+            let c = Config::load(Some(&path)).unwrap();
+            assert_eq!(c.cloud.uri, "sqlite://b.db");
+            assert_eq!(c.sync.mode, Mode::Both);
+            assert_eq!(c.sync.collections, vec!["a", "b"]);
+            assert_eq!(c.sync.batch_size, 9);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let mut c = Config::default();
+        c.sync.collections = vec!["drop table;".into()];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("collection name")
+        );
+        let mut c = Config::default();
+        c.cloud.uri = c.local.uri.clone();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The always-on pipeline: two supervised listeners feed one bounded channel; each batch is
+//! reconciled, then settled with its listener (the checkpoint advances only after the apply);
+//! a sweeper runs the start-up sweep, the periodic sweeps and the retries.
+//!
+//! Shutdown is explicit: cancelling the token stops the listeners and the sweeper; the batch
+//! being applied is finished first. Batches still queued are not settled, so SQL change-log
+//! rows stay in the log for the next start; Redis changes are found by the start-up sweep.
+
+use super::echo::is_own_write;
+use super::{DeleteHints, Engine};
+use crate::record::{Op, Side};
+use crate::stores::{ChangeBatch, ListenContext};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Batches in flight between listeners and the engine: a slow target slows the listeners
+/// instead of growing memory.
+const CHANNEL_BATCHES: usize = 16;
+/// Listener restart backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How soon a failed sweep or failed records are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// Asks the sweeper for a sweep out of schedule.
+#[derive(Debug, Clone, Copy)]
+pub enum SweepRequest {
+    /// A full sweep (a listener without a durable change log reconnected).
+    Full,
+}
+
+/// Runs the bridge until `shutdown` is cancelled.
+pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()> {
+    engine.prepare().await?;
+    let (tx, mut rx) = mpsc::channel::<ChangeBatch>(CHANNEL_BATCHES);
+    let (sweep_tx, sweep_rx) = mpsc::channel::<SweepRequest>(4);
+    let mut tasks = JoinSet::new();
+    for side in [Side::Local, Side::Cloud] {
+        tasks.spawn(supervise_listener(
+            engine.clone(),
+            side,
+            tx.clone(),
+            sweep_tx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    drop(tx);
+    tasks.spawn(sweeper(engine.clone(), sweep_rx, shutdown.clone()));
+    info!(
+        local = %engine.store(Side::Local).describe(),
+        cloud = %engine.store(Side::Cloud).describe(),
+        mode = %engine.config.sync.mode,
+        collections = ?engine.config.sync.collections,
+        "syncbridge running"
+    );
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            b = rx.recv() => b,
+        };
+        let Some(batch) = batch else { break };
+        process_batch(&engine, batch).await;
+    }
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    info!("syncbridge stopped");
+    Ok(())
+}
+
+/// Reconciles one listener batch, then settles it.
+pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
+    let side = batch.side;
+    engine.stats.event_seen(side, batch.records.len() as u64);
+    let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
+    let mut own = 0;
+    for r in batch.records {
+        if is_own_write(&r, &engine.instance_id) {
+            own += 1;
+            continue;
+        }
+        let entry = by_collection.entry(r.collection).or_default();
+        if r.op == Op::Delete {
+            entry.1.insert((side, r.id.clone()), r.updated_at_ms);
+        }
+        entry.0.push(r.id);
+    }
+    let mut applied = true;
+    let mut echoes = own;
+    for (collection, (ids, deleted_at)) in by_collection {
+        for chunk in ids.chunks(engine.config.sync.batch_size) {
+            let summary = engine
+                .reconcile(&collection, chunk, engine.config.sync.mode, &deleted_at)
+                .await;
+            // A change that finds both sides already agreeing is our own write coming back.
+            echoes += summary.in_sync;
+            applied &= summary.unfinished == 0;
+        }
+    }
+    super::stats::Stats::bump(&engine.stats.echoes_suppressed, echoes);
+    match engine.store(side).settle(batch.ack, applied).await {
+        Ok(Some(position)) => {
+            if let Err(e) = engine.state.set_checkpoint(side, &position).await {
+                error!(%side, error = %e, "could not persist the listener checkpoint; changes will be replayed");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(%side, error = %format!("{e:#}"), "could not settle a batch; it will be replayed")
+        }
+    }
+}
+
+/// Keeps one side's listener running, restarting it with backoff when its store goes away.
+async fn supervise_listener(
+    engine: Arc<Engine>,
+    side: Side,
+    sink: mpsc::Sender<ChangeBatch>,
+    sweeps: mpsc::Sender<SweepRequest>,
+    shutdown: CancellationToken,
+) {
+    let store = engine.store(side).clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt = 0u64;
+    loop {
+        let missed_changes = attempt > 0;
+        attempt += 1;
+        let checkpoint = engine.state.checkpoint(side).await.ok().flatten();
+        let ctx = ListenContext {
+            side,
+            collections: engine.config.sync.collections.clone(),
+            checkpoint,
+            sink: sink.clone(),
+            shutdown: shutdown.clone(),
+        };
+        if missed_changes && !store.capabilities().durable_changes {
+            // Notifications sent while we were away are gone: a full sweep finds their effects.
+            let _ = sweeps.try_send(SweepRequest::Full);
+        }
+        engine.stats.listener_up(side);
+        let started = Instant::now();
+        match store.listen(ctx).await {
+            Ok(()) => return,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                warn!(%side, store = %store.describe(), error = %msg, retry_in = ?backoff, "listener stopped; reconnecting");
+                engine.stats.listener_down(side, msg);
+                super::stats::Stats::bump(&engine.stats.errors, 1);
+            }
+        }
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Runs the start-up sweep, then incremental sweeps, full sweeps where a store needs them,
+/// and retries of records that failed.
+async fn sweeper(
+    engine: Arc<Engine>,
+    mut requests: mpsc::Receiver<SweepRequest>,
+    shutdown: CancellationToken,
+) {
+    let cfg = &engine.config.sync;
+    let needs_full = [Side::Local, Side::Cloud]
+        .iter()
+        .any(|s| !engine.store(*s).capabilities().durable_changes);
+    let every = Duration::from_secs(cfg.sweep_interval_secs);
+    let full_every = Duration::from_secs(cfg.full_sweep_interval_secs);
+    let now = tokio::time::Instant::now();
+    let mut next_incremental = now;
+    let mut next_full = if needs_full {
+        now
+    } else {
+        now + Duration::from_secs(365 * 86_400)
+    };
+    loop {
+        let wake = next_incremental
+            .min(next_full)
+            .min(tokio::time::Instant::now() + RETRY_EVERY);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            req = requests.recv() => match req {
+                Some(SweepRequest::Full) => next_full = tokio::time::Instant::now(),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        engine.retry_failed(cfg.mode).await;
+        let now = tokio::time::Instant::now();
+        let full = now >= next_full;
+        if !full && now < next_incremental {
+            continue;
+        }
+        match engine.sweep(cfg.mode, full, None).await {
+            Ok(report) if report.summary.unfinished == 0 => {
+                next_incremental = now + every;
+                if full {
+                    next_full = if needs_full {
+                        now + full_every
+                    } else {
+                        now + Duration::from_secs(365 * 86_400)
+                    };
+                }
+            }
+            Ok(_) => next_incremental = now + RETRY_EVERY,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), full, "sweep failed; trying again shortly");
+                super::stats::Stats::bump(&engine.stats.errors, 1);
+                next_incremental = now + RETRY_EVERY;
+                if full {
+                    next_full = now + RETRY_EVERY;
+                }
+            }
+        }
+    }
+}

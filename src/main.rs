@@ -1,0 +1,5 @@
+//! The `syncbridge` binary; everything lives in the library so tests can drive it.
+
+fn main() -> std::process::ExitCode {
+    syncbridge::cli::main()
+}

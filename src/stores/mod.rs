@@ -1,0 +1,252 @@
+//! Stores: one module per kind of data store, all behind the one [`Store`] trait.
+//!
+//! A connector knows only its own store. It turns the store's change notifications into
+//! [`ChangeRecord`]s, reads records by id, scans what changed since a time, and applies
+//! writes *conditionally*: a write names the exact state it expects to replace (an opaque
+//! `etag` the connector handed out when it read the record) and is refused if the store has
+//! moved on. That single rule is what keeps a late echo or a racing client write from being
+//! overwritten; the engine decides, the connector only refuses to apply a stale decision.
+//!
+//! Delivery guarantee: a listener delivers every change it can see **at least once**; what it
+//! cannot see (Redis notifications while disconnected) is found by the engine's sweep. Applies
+//! are idempotent: applying a write whose result the store already holds reports
+//! [`ApplyOutcome::Unchanged`] and changes nothing.
+
+pub mod redis;
+pub mod sql;
+
+use crate::record::{ChangeRecord, Side};
+use anyhow::{Result, bail};
+use async_trait::async_trait;
+use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A record as a store holds it right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    /// Record id within its collection.
+    pub id: String,
+    /// The document, with `updatedAt` normalized when the store gave one.
+    pub doc: Value,
+    /// The record's modification time; `None` when the writer left no usable `updatedAt`.
+    pub updated_at_ms: Option<i64>,
+    /// The exact stored state, opaque to the engine; a conditional write quotes it back.
+    pub etag: String,
+}
+
+/// What a read found under one id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Slot {
+    /// A record is there.
+    Present(StoredRecord),
+    /// Nothing is stored under the id.
+    Absent,
+    /// Something is there that cannot be a record (wrong Redis type, not JSON, not an object).
+    Invalid(String),
+}
+
+/// One conditional write.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// What to store: an upsert with its document, or a delete.
+    pub record: ChangeRecord,
+    /// The state the engine decided from: `Some(etag)` of the record it read, or `None` if it
+    /// read no record. The store applies the write only if it still holds exactly that.
+    pub expected: Option<String>,
+}
+
+/// The result of one conditional write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApplyOutcome {
+    /// The store now holds the record.
+    Applied,
+    /// The store already held the record's content (a replay); nothing was written.
+    Unchanged,
+    /// The store no longer holds the expected state: someone wrote in between. The engine
+    /// reconciles the record again from fresh reads.
+    Conflict,
+    /// The store refused this record (too large, bad value); the reason says why.
+    Rejected(String),
+}
+
+/// One page of a scan.
+#[derive(Debug, Default)]
+pub struct ScanPage {
+    /// Records found on this page.
+    pub records: Vec<StoredRecord>,
+    /// Ids whose stored value is not a valid record, with the reason.
+    pub invalid: Vec<(String, String)>,
+    /// Where the next page starts; `None` when the scan is complete.
+    pub next: Option<String>,
+}
+
+/// How a listener's delivery is settled once the engine has applied what it carried.
+#[derive(Debug, Clone, Default)]
+pub enum Ack {
+    /// Nothing to settle (Redis notifications are fire-and-forget).
+    #[default]
+    None,
+    /// Change-log rows to remove now that their changes are applied.
+    Seqs(Vec<i64>),
+    /// A position (resume token) to persist now that everything before it is applied.
+    Token(String),
+}
+
+/// A batch of changes from one listener.
+#[derive(Debug)]
+pub struct ChangeBatch {
+    /// Which store the changes were seen on.
+    pub side: Side,
+    /// The changes, each with the document as the store held it when the listener read it.
+    pub records: Vec<ChangeRecord>,
+    /// Settled by the engine after the batch is applied (or failed).
+    pub ack: Ack,
+}
+
+/// Everything a listener needs: what to watch, where to resume, where to send, when to stop.
+#[derive(Clone)]
+pub struct ListenContext {
+    /// The side this store plays, stamped on every record.
+    pub side: Side,
+    /// Collections to watch.
+    pub collections: Vec<String>,
+    /// The last persisted position (see [`Ack::Token`]), if the store uses one.
+    pub checkpoint: Option<String>,
+    /// Bounded: a slow engine slows the listener instead of growing memory.
+    pub sink: mpsc::Sender<ChangeBatch>,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// What a store can do, so the engine can plan sweeps without naming stores.
+#[derive(Debug, Clone, Copy)]
+pub struct Capabilities {
+    /// Changes made while the bridge is away are kept (trigger log, oplog) and replayed by
+    /// the listener. Without it, deletes made while away are found only by a full sweep.
+    pub durable_changes: bool,
+    /// `scan` with `since` uses an index; without one it walks every record.
+    pub time_index: bool,
+}
+
+/// One data store the bridge can keep in step.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The store's URI with any password removed, for logs and status.
+    fn describe(&self) -> String;
+
+    /// What this store can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates what the bridge needs (tables, triggers, notification settings). Idempotent.
+    async fn prepare(&self, collections: &[String]) -> Result<()>;
+
+    /// Reads the records with these ids, one [`Slot`] per id, in order.
+    async fn read(&self, collection: &str, ids: &[String]) -> Result<Vec<Slot>>;
+
+    /// Applies conditional writes, one [`ApplyOutcome`] per write, in order. A store-wide
+    /// failure (connection lost) is an `Err`; nothing can be assumed applied then.
+    async fn apply(&self, collection: &str, writes: &[Write]) -> Result<Vec<ApplyOutcome>>;
+
+    /// Lists records changed at or after `since_ms` (every record when `None`), a page at a
+    /// time, starting from `cursor` (`None` for the first page).
+    async fn scan(
+        &self,
+        collection: &str,
+        since_ms: Option<i64>,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<ScanPage>;
+
+    /// Follows the store's changes and sends them to `ctx.sink` until `ctx.shutdown` is
+    /// cancelled (returns `Ok`) or the store goes away (returns `Err`; the engine restarts it).
+    async fn listen(&self, ctx: ListenContext) -> Result<()>;
+
+    /// Settles a delivered batch: `applied` when everything it carried is applied or durably
+    /// queued, so the position may advance; otherwise it is released for redelivery. Returns a
+    /// position for the engine to persist, if this store uses one.
+    async fn settle(&self, ack: Ack, applied: bool) -> Result<Option<String>>;
+}
+
+/// Opens the store a URI names.
+pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
+    let scheme = uri.split("://").next().unwrap_or_default();
+    match scheme {
+        "redis" | "rediss" => Ok(Arc::new(redis::RedisStore::connect(uri).await?)),
+        "sqlite" | "postgres" | "postgresql" => {
+            Ok(Arc::new(sql::SqlStore::connect(uri, instance_id).await?))
+        }
+        other => bail!(
+            "unsupported store URI scheme {other:?} in {}: use redis://, sqlite:// or postgres://",
+            redact_uri(uri)
+        ),
+    }
+}
+
+/// Removes the password from a URI (`scheme://user:secret@host` → `scheme://user:***@host`),
+/// so URIs can be logged. Query parameters named like secrets are masked too.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None if scheme.starts_with("redis") && !userinfo.is_empty() => {
+                // redis://secret@host: a lone userinfo is the password.
+                format!("***@{host}")
+            }
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = tail
+        .split('&')
+        .map(|part| {
+            let lower = part.to_ascii_lowercase();
+            if ["password=", "pass=", "secret=", "token="]
+                .iter()
+                .any(|k| lower.contains(k))
+            {
+                let key = part.split('=').next().unwrap_or_default();
+                format!("{key}=***")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{scheme}://{authority}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_uri;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        assert_eq!(
+            redact_uri("postgres://app:hunter2@db:5432/x?sslmode=require"),
+            "postgres://app:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            redact_uri("redis://:hunter2@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact_uri("redis://hunter2@h/0"), "redis://***@h/0");
+        assert_eq!(
+            redact_uri("sqlite://data/local.db"),
+            "sqlite://data/local.db"
+        );
+        assert_eq!(
+            redact_uri("postgres://h/x?user=a&password=hunter2"),
+            "postgres://h/x?user=a&password=***"
+        );
+        assert!(!redact_uri("mongodb+srv://u:hunter2@c.example.net/db").contains("hunter2"));
+    }
+}

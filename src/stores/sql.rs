@@ -1,0 +1,770 @@
+//! SQL connector for SQLite (the embedded local client database) and PostgreSQL, through
+//! `sqlx`'s `Any` driver so both dialects share one code path.
+//!
+//! Each collection is a table `<collection>(id TEXT PRIMARY KEY, doc <json>, updated_at <ts>)`;
+//! the `updated_at` column is the record's version time (the document's `updatedAt` field is set
+//! from it on read). Triggers write every insert, update and delete, whoever made it, into the
+//! change-log table `_syncbridge_changes`; the listener reads the log (PostgreSQL wakes it with
+//! NOTIFY, SQLite is polled every 25 ms), reads the current rows, and delivers them. Log rows are
+//! deleted only once the engine has applied what they carried ([`Store::settle`]), so a crash
+//! replays them: the log itself is the durable checkpoint.
+//!
+//! On PostgreSQL the bridge's own transactions set `syncbridge.origin` to the instance id, and
+//! the trigger records it, so the listener can tag the bridge's own writes.
+
+use super::{
+    Ack, ApplyOutcome, Capabilities, ChangeBatch, ListenContext, ScanPage, Slot, Store,
+    StoredRecord, Write, redact_uri,
+};
+use crate::record::{
+    ChangeRecord, Op, Origin, canonical_hash, canonical_json, format_ts, now_ms, parse_ts,
+    with_updated_at,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The change-log table the triggers fill.
+pub const CHANGE_LOG: &str = "_syncbridge_changes";
+/// The NOTIFY channel PostgreSQL triggers signal.
+const NOTIFY_CHANNEL: &str = "syncbridge_changes";
+/// How often SQLite's change log is polled (it has no notifications across processes).
+const SQLITE_POLL: Duration = Duration::from_millis(25);
+/// PostgreSQL listeners poll this often too, in case a notification was missed.
+const PG_FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// How often rows left behind the read position (late commits, released batches) are re-read.
+const BEHIND_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// Log rows read per query.
+const LOG_BATCH: i64 = 1000;
+
+/// The SQL dialect, which decides placeholders, types and trigger syntax.
+///
+/// Statements are built with `format!` only from constants and collection names, which
+/// [`crate::config::Config::validate`] restricts to `[A-Za-z_][A-Za-z0-9_]*`; every value is a
+/// bound parameter. That is the audit behind each `AssertSqlSafe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Placeholder for the n-th (1-based) bound parameter.
+    fn p(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+
+    /// Placeholder for a JSON document parameter.
+    fn p_doc(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => self.p(n),
+            Dialect::Postgres => format!("${n}::jsonb"),
+        }
+    }
+
+    /// Placeholder for a timestamp parameter given as RFC 3339 text.
+    fn p_ts(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => self.p(n),
+            Dialect::Postgres => format!("${n}::timestamptz"),
+        }
+    }
+
+    /// A timestamp column as exact RFC 3339 text (microseconds on PostgreSQL).
+    fn ts_text(self, col: &str) -> String {
+        match self {
+            Dialect::Sqlite => col.to_string(),
+            Dialect::Postgres => {
+                format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            }
+        }
+    }
+
+    /// The document column as text.
+    fn doc_text(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "doc",
+            Dialect::Postgres => "doc::text",
+        }
+    }
+
+    /// Schema statements for one collection table, its index and its capture triggers.
+    fn collection_ddl(self, table: &str) -> Vec<String> {
+        match self {
+            Dialect::Sqlite => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, doc TEXT NOT NULL, \
+                     updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+                ),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS \"{table}_updated_at_idx\" ON \"{table}\" (updated_at, id)"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_ins\" AFTER INSERT ON \"{table}\" \
+                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); END"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_upd\" AFTER UPDATE ON \"{table}\" \
+                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); \
+                     INSERT INTO {CHANGE_LOG}(collection, id) SELECT '{table}', OLD.id WHERE OLD.id <> NEW.id; END"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_del\" AFTER DELETE ON \"{table}\" \
+                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', OLD.id); END"
+                ),
+                // An edit that changes the document but not updated_at is a new version: stamp it,
+                // or last-writer-wins could take it for a stale copy and put the old one back.
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_stamp\" AFTER UPDATE OF doc ON \"{table}\" \
+                     WHEN NEW.updated_at = OLD.updated_at AND NEW.doc IS NOT OLD.doc \
+                     BEGIN UPDATE \"{table}\" SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = NEW.id; END"
+                ),
+            ],
+            Dialect::Postgres => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS \"{table}\" (id TEXT PRIMARY KEY, doc JSONB NOT NULL, \
+                     updated_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS \"{table}_updated_at_idx\" ON \"{table}\" (updated_at, id)"
+                ),
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_capture\" AFTER INSERT OR UPDATE OR DELETE \
+                     ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_capture('{table}')"
+                ),
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_stamp\" BEFORE UPDATE \
+                     ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_stamp()"
+                ),
+            ],
+        }
+    }
+
+    /// Schema statements shared by all collections: the change log (and the trigger function).
+    fn log_ddl(self) -> Vec<String> {
+        match self {
+            Dialect::Sqlite => vec![format!(
+                "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+                 collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
+                 changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+            )],
+            Dialect::Postgres => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGSERIAL PRIMARY KEY, \
+                     collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
+                     changed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+                ),
+                format!(
+                    "CREATE OR REPLACE FUNCTION _syncbridge_capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                     DECLARE o TEXT := nullif(current_setting('syncbridge.origin', true), '');
+                     BEGIN
+                       IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.id IS DISTINCT FROM NEW.id) THEN
+                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES (TG_ARGV[0], OLD.id, o);
+                       END IF;
+                       IF TG_OP <> 'DELETE' THEN
+                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES (TG_ARGV[0], NEW.id, o);
+                       END IF;
+                       PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_ARGV[0]);
+                       RETURN NULL;
+                     END $fn$"
+                ),
+                // A client edit that changes the document but not updated_at is a new version:
+                // stamp it (the bridge's own writes, tagged by origin, carry their version).
+                "CREATE OR REPLACE FUNCTION _syncbridge_stamp() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                 BEGIN
+                   IF NEW.updated_at = OLD.updated_at AND NEW.doc IS DISTINCT FROM OLD.doc
+                      AND coalesce(current_setting('syncbridge.origin', true), '') = '' THEN
+                     NEW.updated_at := clock_timestamp();
+                   END IF;
+                   RETURN NEW;
+                 END $fn$"
+                    .to_string(),
+            ],
+        }
+    }
+}
+
+/// A SQLite file or PostgreSQL database used as one side of the bridge.
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    uri: String,
+    instance_id: String,
+    /// Log rows delivered to the engine and not yet settled; the behind-scan skips them.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+}
+
+/// A change-log row.
+struct LogRow {
+    seq: i64,
+    collection: String,
+    id: String,
+    origin: Option<String>,
+    changed_at: String,
+}
+
+impl SqlStore {
+    /// Connects to a `sqlite://` (file created if missing) or `postgres://` URI.
+    pub async fn connect(uri: &str, instance_id: &str) -> Result<SqlStore> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let (dialect, conn_uri) = if uri.starts_with("sqlite:") {
+            (Dialect::Sqlite, sqlite_uri(uri)?)
+        } else {
+            (Dialect::Postgres, uri.to_string())
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // Other programs write the same file; wait for their locks, do not fail.
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&conn_uri)
+            .await
+            .with_context(|| format!("cannot connect to {}", redact_uri(uri)))?;
+        Ok(SqlStore {
+            pool,
+            dialect,
+            uri: uri.to_string(),
+            instance_id: instance_id.to_string(),
+            in_flight: Arc::default(),
+        })
+    }
+
+    /// Turns a row of `(id, ts_text, doc_text)` into a [`Slot`].
+    fn row_slot(id: &str, ts: &str, doc_text: &str) -> Slot {
+        let Some(ms) = parse_ts(ts) else {
+            return Slot::Invalid(format!("updated_at {ts:?} is not a timestamp"));
+        };
+        match serde_json::from_str::<Value>(doc_text) {
+            Ok(doc @ Value::Object(_)) => Slot::Present(StoredRecord {
+                id: id.to_string(),
+                doc: with_updated_at(doc, ms),
+                updated_at_ms: Some(ms),
+                etag: format!("{ts}\n{doc_text}"),
+            }),
+            Ok(_) => Slot::Invalid("doc is JSON but not an object".into()),
+            Err(e) => Slot::Invalid(format!("doc is not JSON: {e}")),
+        }
+    }
+
+    fn select_cols(&self) -> String {
+        format!(
+            "id, {} AS ts, {} AS doc",
+            self.dialect.ts_text("updated_at"),
+            self.dialect.doc_text()
+        )
+    }
+
+    async fn read_with<'e, E>(&self, exec: E, collection: &str, ids: &[String]) -> Result<Vec<Slot>>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| self.dialect.p(i)).collect();
+        let sql = format!(
+            "SELECT {} FROM \"{collection}\" WHERE id IN ({})",
+            self.select_cols(),
+            placeholders.join(",")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in ids {
+            q = q.bind(id.clone());
+        }
+        let rows = q.fetch_all(exec).await?;
+        let mut found: BTreeMap<String, Slot> = BTreeMap::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let slot = Self::row_slot(
+                &id,
+                &row.try_get::<String, _>("ts")?,
+                &row.try_get::<String, _>("doc")?,
+            );
+            found.insert(id, slot);
+        }
+        Ok(ids
+            .iter()
+            .map(|id| found.remove(id).unwrap_or(Slot::Absent))
+            .collect())
+    }
+
+    /// Reads change-log rows for our collections: after `after` (ahead of the read position)
+    /// or at/below it (behind it: late commits and released batches).
+    async fn read_log(
+        &self,
+        collections: &[String],
+        after: i64,
+        behind: bool,
+    ) -> Result<Vec<LogRow>> {
+        let d = self.dialect;
+        let names: Vec<String> = (0..collections.len()).map(|i| d.p(i + 2)).collect();
+        let sql = format!(
+            "SELECT seq, collection, id, origin, {} AS changed_at FROM {CHANGE_LOG} \
+             WHERE seq {} {} AND collection IN ({}) ORDER BY seq LIMIT {LOG_BATCH}",
+            d.ts_text("changed_at"),
+            if behind { "<=" } else { ">" },
+            d.p(1),
+            names.join(",")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after);
+        for c in collections {
+            q = q.bind(c.clone());
+        }
+        let rows: Vec<AnyRow> = q.fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(LogRow {
+                    seq: r.try_get("seq")?,
+                    collection: r.try_get("collection")?,
+                    id: r.try_get("id")?,
+                    origin: r.try_get("origin")?,
+                    changed_at: r.try_get("changed_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads the current rows behind some log rows and sends them as one batch.
+    async fn deliver(&self, ctx: &ListenContext, rows: Vec<LogRow>) -> Result<bool> {
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        // Per key: the latest change time, and the writer if every row agrees on one
+        // (`Some(None)`: rows disagree or name no writer).
+        type Seen = (String, Option<Option<String>>);
+        let mut keys: BTreeMap<(String, String), Seen> = BTreeMap::new();
+        for r in rows {
+            let entry = keys
+                .entry((r.collection, r.id))
+                .or_insert((r.changed_at.clone(), None));
+            entry.0 = r.changed_at;
+            entry.1 = match entry.1.take() {
+                None => Some(r.origin),
+                Some(prev) if prev == r.origin => Some(prev),
+                Some(_) => Some(None),
+            };
+        }
+        let mut by_collection: BTreeMap<String, Vec<(String, String, Option<String>)>> =
+            BTreeMap::new();
+        for ((c, id), (at, origin)) in keys {
+            by_collection
+                .entry(c)
+                .or_default()
+                .push((id, at, origin.flatten()));
+        }
+        let mut records = Vec::new();
+        for (collection, entries) in by_collection {
+            let ids: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
+            let slots = self.read(&collection, &ids).await?;
+            for ((id, at, origin), slot) in entries.into_iter().zip(slots) {
+                let at_ms = parse_ts(&at).unwrap_or_else(now_ms);
+                let (op, doc, ms) = match slot {
+                    Slot::Present(r) => (Op::Upsert, Some(r.doc), r.updated_at_ms.unwrap_or(at_ms)),
+                    Slot::Absent => (Op::Delete, None, at_ms),
+                    Slot::Invalid(_) => (Op::Upsert, None, at_ms),
+                };
+                records.push(ChangeRecord {
+                    side: ctx.side,
+                    collection: collection.clone(),
+                    id,
+                    op,
+                    doc,
+                    updated_at_ms: ms,
+                    origin: origin.map(Origin::Bridge).unwrap_or_default(),
+                });
+            }
+        }
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .extend(seqs.iter().copied());
+        let batch = ChangeBatch {
+            side: ctx.side,
+            records,
+            ack: Ack::Seqs(seqs),
+        };
+        Ok(ctx.sink.send(batch).await.is_ok())
+    }
+
+    /// Applies one write inside the transaction, returning its outcome.
+    async fn apply_one(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        collection: &str,
+        w: &Write,
+    ) -> Result<ApplyOutcome> {
+        let d = self.dialect;
+        let id = w.record.id.clone();
+        let expected = match &w.expected {
+            Some(etag) => Some(
+                etag.split_once('\n')
+                    .ok_or_else(|| anyhow!("malformed etag for {collection}/{id}"))?,
+            ),
+            None => None,
+        };
+        let guard = format!(
+            "{} = {} AND {} = {}",
+            d.ts_text("updated_at"),
+            d.p(2),
+            d.doc_text(),
+            d.p(3)
+        );
+        let affected = match (&w.record.doc, w.record.op) {
+            (Some(doc), Op::Upsert) => {
+                let doc_text = canonical_json(doc);
+                let ts = format_ts(w.record.updated_at_ms);
+                let sql = match expected {
+                    Some(_) => format!(
+                        "UPDATE \"{collection}\" SET doc = {}, updated_at = {} WHERE id = {} AND {guard}",
+                        d.p_doc(4),
+                        d.p_ts(5),
+                        d.p(1)
+                    ),
+                    None => format!(
+                        "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES ({}, {}, {}) \
+                         ON CONFLICT (id) DO NOTHING",
+                        d.p(1),
+                        d.p_doc(2),
+                        d.p_ts(3)
+                    ),
+                };
+                let q = sqlx::query(AssertSqlSafe(sql)).bind(id.clone());
+                let q = match expected {
+                    Some((e_ts, e_doc)) => q
+                        .bind(e_ts.to_string())
+                        .bind(e_doc.to_string())
+                        .bind(doc_text)
+                        .bind(ts),
+                    None => q.bind(doc_text).bind(ts),
+                };
+                q.execute(&mut **tx).await?.rows_affected()
+            }
+            _ => match expected {
+                Some((e_ts, e_doc)) => {
+                    let sql = format!(
+                        "DELETE FROM \"{collection}\" WHERE id = {} AND {guard}",
+                        d.p(1)
+                    );
+                    sqlx::query(AssertSqlSafe(sql))
+                        .bind(id.clone())
+                        .bind(e_ts.to_string())
+                        .bind(e_doc.to_string())
+                        .execute(&mut **tx)
+                        .await?
+                        .rows_affected()
+                }
+                None => 0,
+            },
+        };
+        if affected == 1 {
+            return Ok(ApplyOutcome::Applied);
+        }
+        // Not applied: either the store already holds the result (a replay) or it moved on.
+        let current = self
+            .read_with(&mut **tx, collection, std::slice::from_ref(&id))
+            .await?
+            .pop()
+            .unwrap_or(Slot::Absent);
+        Ok(match (current, &w.record.doc, w.record.op) {
+            (Slot::Absent, _, Op::Delete) => ApplyOutcome::Unchanged,
+            (Slot::Present(cur), Some(doc), Op::Upsert)
+                if canonical_hash(&cur.doc) == canonical_hash(doc) =>
+            {
+                ApplyOutcome::Unchanged
+            }
+            _ => ApplyOutcome::Conflict,
+        })
+    }
+}
+
+/// Adds `mode=rwc` (create the file) to a SQLite URI and makes its directory.
+fn sqlite_uri(uri: &str) -> Result<String> {
+    let rest = uri
+        .strip_prefix("sqlite://")
+        .or_else(|| uri.strip_prefix("sqlite:"))
+        .unwrap_or(uri);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        bail!(
+            "a SQLite store needs a file path (sqlite://path/to/file.db): another process must see it"
+        );
+    }
+    if let Some(dir) = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(if rest.contains("mode=") {
+        uri.to_string()
+    } else if rest.contains('?') {
+        format!("{uri}&mode=rwc")
+    } else {
+        format!("{uri}?mode=rwc")
+    })
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn describe(&self) -> String {
+        redact_uri(&self.uri)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            durable_changes: true,
+            time_index: true,
+        }
+    }
+
+    async fn prepare(&self, collections: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // Many bridges may prepare one database at once; DDL must not race.
+            tx.execute("SELECT pg_advisory_xact_lock(7252011)").await?;
+        } else {
+            // WAL lets the listener read while the application writes.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .fetch_all(&self.pool)
+                .await?;
+        }
+        let mut statements = self.dialect.log_ddl();
+        for c in collections {
+            statements.extend(self.dialect.collection_ddl(c));
+        }
+        for sql in statements {
+            tx.execute(AssertSqlSafe(sql.clone()))
+                .await
+                .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
+        }
+        tx.commit().await?;
+        info!(store = %redact_uri(&self.uri), ?collections, "tables and change-capture triggers ready");
+        Ok(())
+    }
+
+    async fn read(&self, collection: &str, ids: &[String]) -> Result<Vec<Slot>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            out.extend(self.read_with(&self.pool, collection, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn apply(&self, collection: &str, writes: &[Write]) -> Result<Vec<ApplyOutcome>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // Tags this transaction's change-log rows as ours.
+            sqlx::query("SELECT set_config('syncbridge.origin', $1, true)")
+                .bind(self.instance_id.clone())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for w in writes {
+            outcomes.push(self.apply_one(&mut tx, collection, w).await?);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn scan(
+        &self,
+        collection: &str,
+        since_ms: Option<i64>,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        let d = self.dialect;
+        let mut conds = Vec::new();
+        let mut binds = Vec::new();
+        if let Some(s) = since_ms {
+            binds.push(format_ts(s));
+            conds.push(format!("updated_at >= {}", d.p_ts(binds.len())));
+        }
+        if let Some((ts, id)) = cursor.as_deref().and_then(|c| c.split_once('\n')) {
+            binds.push(ts.to_string());
+            let t = d.p_ts(binds.len());
+            binds.push(id.to_string());
+            let i = d.p(binds.len());
+            conds.push(format!(
+                "(updated_at > {t} OR (updated_at = {t} AND id > {i}))"
+            ));
+        }
+        let sql = format!(
+            "SELECT {} FROM \"{collection}\" {} ORDER BY updated_at, id LIMIT {}",
+            self.select_cols(),
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", conds.join(" AND "))
+            },
+            limit.max(1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut page = ScanPage::default();
+        let full = rows.len() >= limit.max(1);
+        let mut last = None;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let ts: String = row.try_get("ts")?;
+            match Self::row_slot(&id, &ts, &row.try_get::<String, _>("doc")?) {
+                Slot::Present(r) => page.records.push(r),
+                Slot::Invalid(reason) => page.invalid.push((id.clone(), reason)),
+                Slot::Absent => {}
+            }
+            last = Some(format!("{ts}\n{id}"));
+        }
+        page.next = if full { last } else { None };
+        Ok(page)
+    }
+
+    async fn listen(&self, ctx: ListenContext) -> Result<()> {
+        let mut pg_listener = if self.dialect == Dialect::Postgres {
+            let mut l = sqlx::postgres::PgListener::connect(&self.uri)
+                .await
+                .with_context(|| format!("cannot LISTEN on {}", redact_uri(&self.uri)))?;
+            l.listen(NOTIFY_CHANNEL).await?;
+            Some(l)
+        } else {
+            None
+        };
+        info!(side = %ctx.side, store = %redact_uri(&self.uri), "listening to the change log");
+        // Start behind everything: whatever is still in the log was never settled.
+        let mut position = 0i64;
+        let mut last_behind_scan = Instant::now() - BEHIND_SCAN_EVERY;
+        loop {
+            // Drain what is ahead of the read position.
+            loop {
+                let rows = self.read_log(&ctx.collections, position, false).await?;
+                let Some(last) = rows.last() else { break };
+                position = last.seq;
+                let n = rows.len();
+                if !self.deliver(&ctx, rows).await? {
+                    return Ok(());
+                }
+                if (n as i64) < LOG_BATCH {
+                    break;
+                }
+            }
+            if last_behind_scan.elapsed() >= BEHIND_SCAN_EVERY {
+                last_behind_scan = Instant::now();
+                let rows = self.read_log(&ctx.collections, position, true).await?;
+                let rows: Vec<LogRow> = {
+                    let in_flight = self.in_flight.lock().expect("in-flight lock");
+                    rows.into_iter()
+                        .filter(|r| !in_flight.contains(&r.seq))
+                        .collect()
+                };
+                if !rows.is_empty() {
+                    debug!(
+                        count = rows.len(),
+                        "re-reading change-log rows behind the read position"
+                    );
+                    if !self.deliver(&ctx, rows).await? {
+                        return Ok(());
+                    }
+                }
+            }
+            match &mut pg_listener {
+                Some(l) => tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                    n = tokio::time::timeout(PG_FALLBACK_POLL, l.recv()) => {
+                        if let Ok(Err(e)) = n {
+                            return Err(anyhow!(e).context(format!("lost LISTEN connection to {}", redact_uri(&self.uri))));
+                        }
+                    }
+                },
+                None => tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(SQLITE_POLL) => {}
+                },
+            }
+        }
+    }
+
+    async fn settle(&self, ack: Ack, applied: bool) -> Result<Option<String>> {
+        let Ack::Seqs(seqs) = ack else {
+            return Ok(None);
+        };
+        if applied {
+            for chunk in seqs.chunks(500) {
+                let placeholders: Vec<String> =
+                    (1..=chunk.len()).map(|i| self.dialect.p(i)).collect();
+                let sql = format!(
+                    "DELETE FROM {CHANGE_LOG} WHERE seq IN ({})",
+                    placeholders.join(",")
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for s in chunk {
+                    q = q.bind(*s);
+                }
+                if let Err(e) = q.execute(&self.pool).await {
+                    // Keep the rows in flight: they stay in the log and are replayed after a
+                    // restart, which conditional applies make harmless.
+                    warn!(error = %e, "could not trim the change log");
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for s in &seqs {
+            in_flight.remove(s);
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_uris_create_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("sqlite://{}/sub/x.db", dir.path().display());
+        assert_eq!(sqlite_uri(&uri).unwrap(), format!("{uri}?mode=rwc"));
+        assert!(dir.path().join("sub").is_dir());
+        assert!(sqlite_uri("sqlite::memory:").is_err());
+    }
+
+    #[test]
+    fn rows_become_slots() {
+        match SqlStore::row_slot("1", "2026-11-24T10:00:00.123Z", r#"{"a":1}"#) {
+            Slot::Present(r) => {
+                assert_eq!(r.doc["updatedAt"], "2026-11-24T10:00:00.123Z");
+                assert_eq!(r.etag, "2026-11-24T10:00:00.123Z\n{\"a\":1}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            SqlStore::row_slot("1", "x", "{}"),
+            Slot::Invalid(_)
+        ));
+        assert!(matches!(
+            SqlStore::row_slot("1", "2026-11-24T10:00:00Z", "[1]"),
+            Slot::Invalid(_)
+        ));
+    }
+}
