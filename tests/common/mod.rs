@@ -1,0 +1,289 @@
+//! Test kit shared by the integration suites: store URIs from `scripts/test.sh`, clients that
+//! write to a store the way an application would (the stores' own CLIs, knowing nothing of
+//! syncbridge), a bridge run in-process, and waiting for convergence.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use syncbridge::config::{Config, StoreConfig};
+use syncbridge::engine::policy::Mode;
+use syncbridge::engine::{Engine, pipeline};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for the stores to converge. Generous: tests check behaviour, not speed.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+fn env_uri(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test.sh, which starts Redis and PostgreSQL")
+    })
+}
+
+/// A fresh, unique collection name, so tests sharing one server never see each other's data.
+pub fn collection(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A kind of store a test can run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Postgres,
+    Sqlite,
+}
+
+/// A store for one test: its URI and a CLI client that writes to it directly.
+#[derive(Debug, Clone)]
+pub struct TestStore {
+    pub kind: Kind,
+    pub uri: String,
+    _dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl TestStore {
+    pub fn new(kind: Kind) -> TestStore {
+        match kind {
+            Kind::Redis => TestStore {
+                kind,
+                uri: env_uri("SYNCBRIDGE_TEST_REDIS_URL"),
+                _dir: None,
+            },
+            Kind::Postgres => TestStore {
+                kind,
+                uri: env_uri("SYNCBRIDGE_TEST_PG_URL"),
+                _dir: None,
+            },
+            Kind::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let uri = format!("sqlite://{}", dir.path().join("store.db").display());
+                TestStore {
+                    kind,
+                    uri,
+                    _dir: Some(Arc::new(dir)),
+                }
+            }
+        }
+    }
+
+    fn sqlite_path(&self) -> &str {
+        self.uri.strip_prefix("sqlite://").expect("sqlite uri")
+    }
+
+    /// Runs the store's own CLI with `args`, returning stdout; panics with stderr on failure.
+    fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = match self.kind {
+            Kind::Redis => {
+                let mut c = Command::new("redis-cli");
+                c.args(["-u", &self.uri]);
+                c
+            }
+            Kind::Postgres => {
+                let mut c = Command::new("psql");
+                c.args([&self.uri, "-v", "ON_ERROR_STOP=1", "-qAt", "-c"]);
+                c
+            }
+            Kind::Sqlite => {
+                let mut c = Command::new("sqlite3");
+                c.args(["-cmd", ".timeout 10000", self.sqlite_path()]);
+                c
+            }
+        };
+        let out = cmd.args(args).output().expect("store CLI runs");
+        assert!(
+            out.status.success(),
+            "{:?} {:?} failed: {}",
+            self.kind,
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if self.kind == Kind::Redis && stdout.starts_with("ERR") {
+            panic!("redis-cli {args:?}: {stdout}");
+        }
+        stdout
+    }
+
+    /// Writes `doc` under `id` as an application would: `SET`, or an upsert of the row.
+    pub fn put(&self, collection: &str, id: &str, doc: &Value) {
+        let text = doc.to_string();
+        match self.kind {
+            Kind::Redis => {
+                self.cli(&["SET", &format!("{collection}:{id}"), &text]);
+            }
+            Kind::Postgres | Kind::Sqlite => {
+                let text = text.replace('\'', "''");
+                // updated_at follows the document's updatedAt when it has one.
+                let ts = doc
+                    .get("updatedAt")
+                    .and_then(Value::as_str)
+                    .map(|t| format!("'{t}'"))
+                    .unwrap_or_else(|| {
+                        if self.kind == Kind::Postgres {
+                            "now()".into()
+                        } else {
+                            "strftime('%Y-%m-%dT%H:%M:%fZ','now')".into()
+                        }
+                    });
+                self.cli(&[&format!(
+                    "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES ('{id}', '{text}', {ts}) \
+                     ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at"
+                )]);
+            }
+        }
+    }
+
+    /// Deletes `id` directly: `DEL`, or `DELETE` of the row.
+    pub fn delete(&self, collection: &str, id: &str) {
+        match self.kind {
+            Kind::Redis => {
+                self.cli(&["DEL", &format!("{collection}:{id}")]);
+            }
+            _ => {
+                self.cli(&[&format!("DELETE FROM \"{collection}\" WHERE id = '{id}'")]);
+            }
+        }
+    }
+
+    /// Runs a raw statement or command through the CLI.
+    pub fn raw(&self, args: &[&str]) -> String {
+        self.cli(args)
+    }
+
+    /// The document stored under `id`, read with the CLI; `updatedAt` is taken from the
+    /// `updated_at` column on SQL stores (the column is the version there).
+    pub fn get(&self, collection: &str, id: &str) -> Option<Value> {
+        let out = match self.kind {
+            Kind::Redis => self.cli(&["--no-raw", "GET", &format!("{collection}:{id}")]),
+            Kind::Postgres => self.cli(&[&format!(
+                "SELECT json_build_object('doc', doc, 'ts', to_char(updated_at AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')) FROM \"{collection}\" WHERE id = '{id}'"
+            )]),
+            Kind::Sqlite => self.cli(&[&format!(
+                "SELECT json_object('doc', json(doc), 'ts', updated_at) FROM \"{collection}\" WHERE id = '{id}'"
+            )]),
+        };
+        let out = out.trim();
+        if out.is_empty() || out == "(nil)" {
+            return None;
+        }
+        match self.kind {
+            Kind::Redis => {
+                // --no-raw prints a quoted string.
+                let text: String = serde_json::from_str(out).expect("quoted redis value");
+                Some(serde_json::from_str(&text).expect("JSON document"))
+            }
+            _ => {
+                let v: Value = serde_json::from_str(out).expect("JSON row");
+                let mut doc = v["doc"].clone();
+                doc["updatedAt"] = v["ts"].clone();
+                Some(doc)
+            }
+        }
+    }
+
+    /// Number of records in `collection`.
+    pub fn count(&self, collection: &str) -> usize {
+        let out = match self.kind {
+            Kind::Redis => self.cli(&["--scan", "--pattern", &format!("{collection}:*")]),
+            _ => self.cli(&[&format!("SELECT id FROM \"{collection}\"")]),
+        };
+        out.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+}
+
+/// A bridge running in-process on a data directory that outlives restarts.
+pub struct TestBridge {
+    pub engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Config for a pair of stores, one collection, and a data directory.
+pub fn config(
+    local: &TestStore,
+    cloud: &TestStore,
+    collections: &[&str],
+    mode: Mode,
+    data_dir: &Path,
+) -> Config {
+    let mut c = Config {
+        local: StoreConfig {
+            uri: local.uri.clone(),
+        },
+        cloud: StoreConfig {
+            uri: cloud.uri.clone(),
+        },
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    c.sync.collections = collections.iter().map(|s| s.to_string()).collect();
+    c.sync.mode = mode;
+    // Sweeps here only at start-up: tests of the listeners must not be rescued by a sweep.
+    c.sync.sweep_interval_secs = 3600;
+    c.sync.full_sweep_interval_secs = 3600;
+    c
+}
+
+impl TestBridge {
+    /// Starts a bridge and waits until it has prepared the stores and swept once.
+    pub async fn start(config: Config) -> TestBridge {
+        let engine = Arc::new(Engine::open(config).await.expect("bridge opens"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pipeline::run(engine.clone(), shutdown.clone()));
+        let started = Instant::now();
+        while engine.last_sweep.lock().unwrap().is_none() {
+            assert!(
+                started.elapsed() < DEADLINE,
+                "bridge did not finish its start-up sweep"
+            );
+            assert!(!task.is_finished(), "bridge stopped during start-up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TestBridge {
+            engine,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops the bridge gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("bridge task")
+            .expect("bridge ran cleanly");
+    }
+}
+
+/// Waits until `check` holds, panicking with `what` after [`DEADLINE`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A data directory for a bridge.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// The data directory's path, for configs.
+pub fn path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().to_path_buf()
+}

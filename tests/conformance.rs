@@ -1,0 +1,426 @@
+//! The connector conformance suite: every store passes the same checks of the `Store` trait
+//! contract (conditional, idempotent applies; reads; scans since a time; listening to direct
+//! writes; resuming from the checkpoint). A new connector adds one line at the bottom.
+
+mod common;
+
+use common::{Kind, TestStore, collection};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use syncbridge::record::{
+    ChangeRecord, Op, Origin, Side, canonical_hash, format_ts, now_ms, with_updated_at,
+};
+use syncbridge::stores::{
+    self, Ack, ApplyOutcome, ChangeBatch, ListenContext, Slot, Store, StoredRecord, Write,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+async fn open(kind: Kind) -> (TestStore, Arc<dyn Store>, String) {
+    let ts = TestStore::new(kind);
+    let store = stores::open(&ts.uri, "conformance-instance")
+        .await
+        .expect("store opens");
+    let c = collection("conf");
+    store
+        .prepare(std::slice::from_ref(&c))
+        .await
+        .expect("prepare");
+    (ts, store, c)
+}
+
+fn upsert(c: &str, id: &str, name: &str, at: i64) -> ChangeRecord {
+    ChangeRecord {
+        side: Side::Cloud,
+        collection: c.into(),
+        id: id.into(),
+        op: Op::Upsert,
+        doc: Some(with_updated_at(json!({ "name": name, "n": 1 }), at)),
+        updated_at_ms: at,
+        origin: Origin::Bridge("conformance-instance".into()),
+    }
+}
+
+fn delete(c: &str, id: &str, at: i64) -> ChangeRecord {
+    ChangeRecord {
+        op: Op::Delete,
+        doc: None,
+        updated_at_ms: at,
+        ..upsert(c, id, "", at)
+    }
+}
+
+async fn read_one(store: &Arc<dyn Store>, c: &str, id: &str) -> Slot {
+    store
+        .read(c, &[id.to_string()])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+fn present(slot: Slot) -> StoredRecord {
+    match slot {
+        Slot::Present(r) => r,
+        other => panic!("expected a record, found {other:?}"),
+    }
+}
+
+async fn apply_one(
+    store: &Arc<dyn Store>,
+    c: &str,
+    record: ChangeRecord,
+    expected: Option<String>,
+) -> ApplyOutcome {
+    store
+        .apply(c, &[Write { record, expected }])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+/// Upsert and delete apply, read back exactly, and re-applying changes nothing.
+async fn upsert_delete_and_idempotent_reapply(kind: Kind) {
+    let (_ts, store, c) = open(kind).await;
+    let t = now_ms();
+    let rec = upsert(&c, "1", "Ada", t);
+    assert_eq!(
+        apply_one(&store, &c, rec.clone(), None).await,
+        ApplyOutcome::Applied
+    );
+    let got = present(read_one(&store, &c, "1").await);
+    assert_eq!(got.updated_at_ms, Some(t));
+    assert_eq!(
+        canonical_hash(&got.doc),
+        canonical_hash(rec.doc.as_ref().unwrap())
+    );
+    // A replay of the same write (same expectation) is harmless.
+    assert_eq!(
+        apply_one(&store, &c, rec.clone(), None).await,
+        ApplyOutcome::Unchanged
+    );
+    assert_eq!(present(read_one(&store, &c, "1").await).etag, got.etag);
+
+    let rec2 = upsert(&c, "1", "Ada Lovelace", t + 1);
+    assert_eq!(
+        apply_one(&store, &c, rec2.clone(), Some(got.etag.clone())).await,
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        present(read_one(&store, &c, "1").await).doc["name"],
+        "Ada Lovelace"
+    );
+
+    let cur = present(read_one(&store, &c, "1").await);
+    assert_eq!(
+        apply_one(&store, &c, delete(&c, "1", t + 2), Some(cur.etag.clone())).await,
+        ApplyOutcome::Applied
+    );
+    assert_eq!(read_one(&store, &c, "1").await, Slot::Absent);
+    assert_eq!(
+        apply_one(&store, &c, delete(&c, "1", t + 2), Some(cur.etag)).await,
+        ApplyOutcome::Unchanged
+    );
+    // Reads keep the order of the ids asked for, with absent ones in place.
+    apply_one(&store, &c, upsert(&c, "2", "Grace", t), None).await;
+    let slots = store
+        .read(&c, &["x".into(), "2".into(), "y".into()])
+        .await
+        .unwrap();
+    assert_eq!(slots[0], Slot::Absent);
+    assert_eq!(present(slots[1].clone()).id, "2");
+    assert_eq!(slots[2], Slot::Absent);
+}
+
+/// A write decided on an old read is refused once someone else wrote: no lost update.
+async fn conditional_apply_refuses_a_stale_expectation(kind: Kind) {
+    let (ts, store, c) = open(kind).await;
+    let t = now_ms();
+    apply_one(&store, &c, upsert(&c, "1", "v1", t), None).await;
+    let seen = present(read_one(&store, &c, "1").await);
+    // A client writes in between, knowing nothing of the bridge.
+    ts.put(
+        &c,
+        "1",
+        &json!({ "name": "client", "updatedAt": format_ts(t + 5) }),
+    );
+    let late = upsert(&c, "1", "bridge", t + 1);
+    assert_eq!(
+        apply_one(&store, &c, late.clone(), Some(seen.etag.clone())).await,
+        ApplyOutcome::Conflict
+    );
+    assert_eq!(
+        present(read_one(&store, &c, "1").await).doc["name"],
+        "client"
+    );
+    // The same for a create racing a client's create, and a delete racing an update.
+    ts.put(
+        &c,
+        "2",
+        &json!({ "name": "client", "updatedAt": format_ts(t) }),
+    );
+    assert_eq!(
+        apply_one(&store, &c, upsert(&c, "2", "bridge", t), None).await,
+        ApplyOutcome::Conflict
+    );
+    assert_eq!(
+        apply_one(&store, &c, delete(&c, "1", t + 9), Some(seen.etag)).await,
+        ApplyOutcome::Conflict
+    );
+    assert_eq!(
+        present(read_one(&store, &c, "1").await).doc["name"],
+        "client"
+    );
+}
+
+/// Scans find what changed since a time, page by page, each record once.
+async fn scan_since_pages_through_changes(kind: Kind) {
+    let (_ts, store, c) = open(kind).await;
+    let t = now_ms() - 100_000;
+    let writes: Vec<Write> = (0..25)
+        .map(|i| Write {
+            record: upsert(&c, &format!("r{i:02}"), "x", t + i * 1000),
+            expected: None,
+        })
+        .collect();
+    assert!(
+        store
+            .apply(&c, &writes)
+            .await
+            .unwrap()
+            .iter()
+            .all(|o| *o == ApplyOutcome::Applied)
+    );
+    for (since, want) in [(None, 25usize), (Some(t + 20_000), 5)] {
+        let mut seen = BTreeSet::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let page = store.scan(&c, since, cursor, 4).await.unwrap();
+            pages += 1;
+            for r in page.records {
+                assert!(since.is_none_or(|s| r.updated_at_ms.unwrap() >= s));
+                seen.insert(r.id);
+            }
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+            assert!(pages < 100, "scan does not end");
+        }
+        assert_eq!(seen.len(), want, "since {since:?}");
+    }
+}
+
+struct Listening {
+    rx: mpsc::Receiver<ChangeBatch>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn listen(store: &Arc<dyn Store>, c: &str, checkpoint: Option<String>) -> Listening {
+    let (tx, rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let ctx = ListenContext {
+        side: Side::Local,
+        collections: vec![c.to_string()],
+        checkpoint,
+        sink: tx,
+        shutdown: stop.clone(),
+    };
+    let s = store.clone();
+    let task = tokio::spawn(async move { s.listen(ctx).await });
+    Listening { rx, stop, task }
+}
+
+impl Listening {
+    /// Collects records until `want` ids have been seen; returns them with their acks.
+    async fn collect(&mut self, want: &[&str]) -> (Vec<ChangeRecord>, Vec<Ack>) {
+        let mut records = Vec::new();
+        let mut acks = Vec::new();
+        let deadline = tokio::time::Instant::now() + common::DEADLINE;
+        while !want
+            .iter()
+            .all(|w| records.iter().any(|r: &ChangeRecord| r.id == *w))
+        {
+            let batch = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("listener did not deliver {want:?}; got {records:?}"))
+                .expect("listener open");
+            records.extend(batch.records);
+            acks.push(batch.ack);
+        }
+        (records, acks)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// The listener hears writes made directly by a client that knows nothing of the bridge.
+async fn listen_sees_direct_writes(kind: Kind) {
+    let (ts, store, c) = open(kind).await;
+    let mut l = listen(&store, &c, None);
+    // Subscriptions are asynchronous; give it a moment to be in place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = now_ms();
+    ts.put(
+        &c,
+        "a",
+        &json!({ "name": "Ada", "updatedAt": format_ts(t) }),
+    );
+    let (recs, _) = l.collect(&["a"]).await;
+    let a = recs.iter().rev().find(|r| r.id == "a").unwrap();
+    assert_eq!(a.op, Op::Upsert);
+    assert_eq!(a.side, Side::Local);
+    assert_eq!(a.collection, c);
+    assert_eq!(a.doc.as_ref().unwrap()["name"], "Ada");
+    assert_eq!(a.updated_at_ms, t);
+    assert_eq!(
+        a.origin,
+        Origin::Unknown,
+        "a client's write is not tagged as the bridge's"
+    );
+    ts.delete(&c, "a");
+    let (recs, _) = l.collect(&["a"]).await;
+    assert_eq!(recs.last().unwrap().op, Op::Delete);
+    l.stop().await;
+}
+
+/// After a stop, listening again from the persisted position delivers what changed meanwhile,
+/// and nothing that was settled before (stores with a durable change log), or the sweep's scan
+/// finds it (stores without one).
+async fn checkpoint_resumes(kind: Kind) {
+    let (ts, store, c) = open(kind).await;
+    let mut l = listen(&store, &c, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = now_ms();
+    ts.put(
+        &c,
+        "before",
+        &json!({ "name": "before", "updatedAt": format_ts(t) }),
+    );
+    let (_, acks) = l.collect(&["before"]).await;
+    let mut position = None;
+    for ack in acks {
+        if let Some(p) = store.settle(ack, true).await.unwrap() {
+            position = Some(p);
+        }
+    }
+    l.stop().await;
+
+    ts.put(
+        &c,
+        "while-stopped",
+        &json!({ "name": "missed?", "updatedAt": format_ts(t + 1) }),
+    );
+    if store.capabilities().durable_changes {
+        let mut l = listen(&store, &c, position);
+        let (recs, _) = l.collect(&["while-stopped"]).await;
+        assert!(
+            recs.iter().all(|r| r.id != "before"),
+            "a settled change came back: {recs:?}"
+        );
+        // A batch released unapplied is delivered again.
+        ts.put(
+            &c,
+            "released",
+            &json!({ "name": "again", "updatedAt": format_ts(t + 2) }),
+        );
+        let (_, acks) = l.collect(&["released"]).await;
+        for ack in acks {
+            store.settle(ack, false).await.unwrap();
+        }
+        l.collect(&["released"]).await;
+        l.stop().await;
+    } else {
+        let page = store.scan(&c, Some(t + 1), None, 100).await.unwrap();
+        assert!(
+            page.records.iter().any(|r| r.id == "while-stopped"),
+            "the sweep's scan finds the missed change"
+        );
+    }
+}
+
+/// Values that cannot be records are reported as invalid, never as absent (which would read as
+/// a delete).
+async fn invalid_values_are_reported(kind: Kind) {
+    let (ts, store, c) = open(kind).await;
+    match kind {
+        Kind::Redis => {
+            ts.raw(&["HSET", &format!("{c}:hash"), "f", "v"]);
+            ts.raw(&["SET", &format!("{c}:text"), "not json"]);
+        }
+        Kind::Sqlite => {
+            ts.raw(&[&format!(
+                "INSERT INTO \"{c}\" (id, doc) VALUES ('text', 'not json'), ('hash', '[1]')"
+            )]);
+        }
+        // jsonb refuses text that is not JSON; an array is still not a record.
+        Kind::Postgres => {
+            ts.raw(&[&format!("INSERT INTO \"{c}\" (id, doc) VALUES ('text', '\"just a string\"'), ('hash', '[1]')")]);
+        }
+    }
+    let slots = store
+        .read(&c, &["hash".into(), "text".into()])
+        .await
+        .unwrap();
+    for s in &slots {
+        assert!(matches!(s, Slot::Invalid(_)), "{s:?}");
+    }
+    let page = store.scan(&c, None, None, 100).await.unwrap();
+    assert_eq!(page.invalid.len(), 2, "{:?}", page.invalid);
+    // And a conditional write does not clobber what it does not understand.
+    let out = apply_one(&store, &c, upsert(&c, "hash", "x", now_ms()), None).await;
+    assert!(
+        matches!(out, ApplyOutcome::Conflict | ApplyOutcome::Rejected(_)),
+        "{out:?}"
+    );
+}
+
+macro_rules! conformance {
+    ($store:ident, $kind:expr) => {
+        mod $store {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn upsert_delete_and_idempotent_reapply() {
+                super::upsert_delete_and_idempotent_reapply($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn conditional_apply_refuses_a_stale_expectation() {
+                super::conditional_apply_refuses_a_stale_expectation($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn scan_since_pages_through_changes() {
+                super::scan_since_pages_through_changes($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn listen_sees_direct_writes() {
+                super::listen_sees_direct_writes($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn checkpoint_resumes() {
+                super::checkpoint_resumes($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn invalid_values_are_reported() {
+                super::invalid_values_are_reported($kind).await
+            }
+        }
+    };
+}
+
+conformance!(redis, Kind::Redis);
+conformance!(sqlite, Kind::Sqlite);
+conformance!(postgres, Kind::Postgres);
