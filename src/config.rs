@@ -38,6 +38,16 @@ pub struct SyncConfig {
     pub tombstone_retention_days: u64,
     /// Most records reconciled together.
     pub batch_size: usize,
+    /// A record that fails for a reason of its own (refused by the target, not a valid record)
+    /// is dead-lettered after this many attempts. Store outages never dead-letter.
+    pub retry_max_attempts: i64,
+    /// First retry delay in ms; doubles per attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// Longest delay between retries, in seconds.
+    pub retry_max_secs: u64,
+    /// Documents larger than this (canonical JSON bytes) are not synced: dead-lettered with the
+    /// reason. 16 MiB is MongoDB's limit, the smallest of the supported stores.
+    pub max_doc_bytes: usize,
 }
 
 impl Default for SyncConfig {
@@ -51,6 +61,10 @@ impl Default for SyncConfig {
             max_future_secs: 3600,
             tombstone_retention_days: 30,
             batch_size: 500,
+            retry_max_attempts: 8,
+            retry_base_ms: 1000,
+            retry_max_secs: 60,
+            max_doc_bytes: 16 * 1024 * 1024,
         }
     }
 }

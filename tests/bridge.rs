@@ -56,6 +56,13 @@ async fn changes_flow_both_ways(lk: Kind, ck: Kind) {
     same_everywhere(&local, &cloud, &c, "42", None).await;
     cloud.put(&c, "7", &doc("Grace", t + 20));
     same_everywhere(&local, &cloud, &c, "7", Some("Grace")).await;
+    // An UPDATE of the document alone (updated_at untouched) is a new version, and wins.
+    for (store, name) in [(&local, "edited in local"), (&cloud, "edited in cloud")] {
+        if store.edit_name_in_place(&c, "7", name).is_none() {
+            continue;
+        }
+        same_everywhere(&local, &cloud, &c, "7", Some(name)).await;
+    }
     cloud.delete(&c, "7");
     same_everywhere(&local, &cloud, &c, "7", None).await;
     // A record written without updatedAt is stamped, and the stamp reaches both sides.

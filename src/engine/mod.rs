@@ -9,6 +9,7 @@
 pub mod echo;
 pub mod pipeline;
 pub mod policy;
+pub mod queue;
 pub mod state;
 pub mod stats;
 pub mod sweep;
@@ -18,12 +19,14 @@ use crate::record::{ChangeRecord, Op, Origin, Side, Version, now_ms};
 use crate::stores::{ApplyOutcome, Slot, Store, Write};
 use anyhow::Result;
 use policy::{Decision, Mode, Reason, SideState, Target, decide};
+use queue::{FailureKind, QueueCounts, RetryPolicy, RetryQueue};
 use serde::Serialize;
 use state::StateDb;
 use stats::Stats;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tracing::{debug, warn};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::{error, warn};
 
 /// Deletion times a listener learned from its store, per (side, record id).
 pub type DeleteHints = HashMap<(Side, String), i64>;
@@ -48,8 +51,10 @@ pub struct Engine {
     reconcile_lock: tokio::sync::Mutex<()>,
     /// The last sweep's report, for status.
     pub last_sweep: std::sync::Mutex<Option<sweep::SweepReport>>,
-    /// Records whose reconcile failed on a store error, retried by the pipeline with backoff.
-    pub retry_later: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// Records that could not be synced yet, kept on disk until they are.
+    pub queue: RetryQueue,
+    /// Whether the queue may hold entries; keeps queue look-ups off the hot path when empty.
+    queue_in_use: AtomicBool,
 }
 
 /// What a reconcile (or a whole sweep) did, for logs, the CLI and the API.
@@ -73,7 +78,10 @@ pub struct Summary {
     pub skipped_by_mode: u64,
     /// Records that could not be synced, with the reason.
     pub errors: Vec<String>,
-    /// Ids whose writes did not all complete (to retry, keep the source's change unsettled).
+    /// Records that could not be synced now and went to the durable retry queue.
+    pub queued: u64,
+    /// Records that could not even be queued (the state database failed): the caller must keep
+    /// their changes unsettled so they are delivered again.
     #[serde(skip)]
     pub unfinished: u64,
 }
@@ -103,6 +111,7 @@ impl Summary {
         self.conflicts.extend(other.conflicts);
         self.skipped_by_mode += other.skipped_by_mode;
         self.errors.extend(other.errors);
+        self.queued += other.queued;
         self.unfinished += other.unfinished;
     }
 
@@ -121,6 +130,14 @@ impl Engine {
         cloud: Arc<dyn Store>,
     ) -> Result<Engine> {
         let state = StateDb::open(&config.data_dir).await?;
+        let policy = RetryPolicy {
+            max_attempts: config.sync.retry_max_attempts,
+            base: std::time::Duration::from_millis(config.sync.retry_base_ms),
+            max: std::time::Duration::from_secs(config.sync.retry_max_secs),
+        };
+        let queue = RetryQueue::open(state.pool(), policy).await?;
+        let counts = queue.counts().await?;
+        let queue_in_use = counts.pending + counts.failed > 0;
         Ok(Engine {
             config,
             instance_id,
@@ -130,7 +147,8 @@ impl Engine {
             stats: Arc::new(Stats::default()),
             reconcile_lock: tokio::sync::Mutex::new(()),
             last_sweep: std::sync::Mutex::new(None),
-            retry_later: std::sync::Mutex::new(BTreeMap::new()),
+            queue,
+            queue_in_use: AtomicBool::new(queue_in_use),
         })
     }
 
@@ -161,8 +179,10 @@ impl Engine {
     /// Brings these records of `collection` into agreement under `mode`.
     ///
     /// `deleted_at` carries, per (side, id), the deletion time a listener learned from its
-    /// store. Store errors are counted and reported in the summary (`unfinished`), never
-    /// half-recorded: the agreed version changes only when every write of a record succeeded.
+    /// store. A record that cannot be synced now goes into the durable [`queue`] with the
+    /// reason; the agreed version changes only when every write of a record succeeded.
+    /// `Summary::unfinished` counts records that could not even be queued: only then must the
+    /// caller keep its change unsettled.
     pub async fn reconcile(
         &self,
         collection: &str,
@@ -177,6 +197,7 @@ impl Engine {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let mut failed: Vec<(String, String, FailureKind)> = Vec::new();
         for round in 0..MAX_ROUNDS {
             if pending.is_empty() {
                 break;
@@ -193,61 +214,119 @@ impl Engine {
                 )
                 .await
             {
-                Ok(retry) => pending = retry,
+                Ok(out) => {
+                    pending = out.retry;
+                    failed.extend(out.failed);
+                }
                 Err(e) => {
                     Stats::bump(&self.stats.errors, 1);
                     let msg = format!("{collection}: {e:#}");
-                    warn!(error = %msg, "reconcile failed; the records will be retried");
-                    summary.errors.push(msg);
-                    summary.unfinished += pending.len() as u64;
-                    self.retry_later_add(collection, pending);
-                    return summary;
+                    warn!(error = %msg, count = pending.len(), "reconcile failed; the records are queued for retry");
+                    summary.errors.push(msg.clone());
+                    failed.extend(
+                        pending
+                            .drain(..)
+                            .map(|id| (id, msg.clone(), FailureKind::Store)),
+                    );
                 }
             }
             if !pending.is_empty() {
                 Stats::bump(&self.stats.retries, pending.len() as u64);
             }
         }
-        if !pending.is_empty() {
-            summary.unfinished += pending.len() as u64;
-            debug!(
-                count = pending.len(),
-                "records still contended after retries; retried later"
-            );
-            self.retry_later_add(collection, pending);
-        }
+        // Still contended after every round: another writer keeps changing it. Try again later.
+        failed.extend(pending.into_iter().map(|id| {
+            (
+                id,
+                "the record kept changing during the apply".to_string(),
+                FailureKind::Store,
+            )
+        }));
+        self.settle_queue(collection, ids, failed, &mut summary)
+            .await;
         summary
     }
 
-    fn retry_later_add(&self, collection: &str, ids: Vec<String>) {
-        self.retry_later
-            .lock()
-            .expect("retry lock")
-            .entry(collection.to_string())
-            .or_default()
-            .extend(ids);
-    }
-
-    /// Reconciles again every record whose last attempt failed. Returns how many are still
-    /// failing.
-    pub async fn retry_failed(&self, mode: Mode) -> usize {
-        let work = std::mem::take(&mut *self.retry_later.lock().expect("retry lock"));
-        for (collection, ids) in work {
-            let ids: Vec<String> = ids.into_iter().collect();
-            for chunk in ids.chunks(self.config.sync.batch_size) {
-                self.reconcile(&collection, chunk, mode, &HashMap::new())
-                    .await;
+    /// Queues what failed and forgets queue entries for what synced.
+    async fn settle_queue(
+        &self,
+        collection: &str,
+        ids: &[String],
+        failed: Vec<(String, String, FailureKind)>,
+        summary: &mut Summary,
+    ) {
+        if !failed.is_empty() {
+            self.queue_in_use.store(true, Ordering::Relaxed);
+            match self.queue.fail(collection, &failed).await {
+                Ok(()) => summary.queued += failed.len() as u64,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "could not queue failed records; their changes stay unsettled");
+                    summary.unfinished += failed.len() as u64;
+                }
             }
         }
-        self.retry_later
-            .lock()
-            .expect("retry lock")
-            .values()
-            .map(BTreeSet::len)
-            .sum()
+        if self.queue_in_use.load(Ordering::Relaxed) {
+            let failed_ids: BTreeSet<&String> = failed.iter().map(|(id, _, _)| id).collect();
+            let synced: Vec<String> = ids
+                .iter()
+                .filter(|id| !failed_ids.contains(id))
+                .cloned()
+                .collect();
+            if let Err(e) = self.queue.remove(collection, &synced).await {
+                warn!(error = %format!("{e:#}"), "could not clear synced records from the retry queue");
+            }
+        }
     }
 
-    /// One read-decide-write-record round. Returns the ids to decide again.
+    /// Reconciles the queued records that are due. Returns how many were attempted.
+    pub async fn drain_queue(&self, mode: Mode) -> Result<usize> {
+        if !self.queue_in_use.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let due = self.queue.due(self.config.sync.batch_size as i64).await?;
+        if due.is_empty() {
+            let counts = self.queue.counts().await?;
+            if counts.pending + counts.failed == 0 {
+                self.queue_in_use.store(false, Ordering::Relaxed);
+            }
+            return Ok(0);
+        }
+        let mut by_collection: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (collection, id) in &due {
+            by_collection
+                .entry(collection.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        for (collection, ids) in by_collection {
+            self.reconcile(&collection, &ids, mode, &DeleteHints::new())
+                .await;
+        }
+        Ok(due.len())
+    }
+
+    /// Of these ids, the ones waiting in the retry queue (their changes must queue behind them).
+    pub async fn queued(&self, collection: &str, ids: &[String]) -> Result<Vec<String>> {
+        if !self.queue_in_use.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
+        self.queue.queued(collection, ids).await
+    }
+
+    /// Everything status shows: counters, store health, the queue, the last sweep.
+    pub async fn status(&self) -> Result<Status> {
+        Ok(Status {
+            instance_id: self.instance_id.clone(),
+            mode: self.config.sync.mode,
+            local: self.local.describe(),
+            cloud: self.cloud.describe(),
+            counters: self.stats.snapshot(),
+            queue: self.queue.counts().await?,
+            last_sweep: self.last_sweep.lock().expect("last sweep lock").clone(),
+        })
+    }
+
+    /// One read-decide-write-record round.
     async fn round(
         &self,
         collection: &str,
@@ -256,7 +335,7 @@ impl Engine {
         deleted_at: &DeleteHints,
         summary: &mut Summary,
         first: bool,
-    ) -> Result<Vec<String>> {
+    ) -> Result<RoundOutcome> {
         let (agreed, local, cloud) = tokio::try_join!(
             self.state.agreed(collection, ids),
             self.local.read(collection, ids),
@@ -264,11 +343,17 @@ impl Engine {
         )?;
         let now = now_ms();
         let max_future = now + (self.config.sync.max_future_secs as i64) * 1000;
+        let mut out = RoundOutcome::default();
         let mut plans: Vec<(usize, Decision)> = Vec::new();
         let mut writes: [Vec<(usize, Write)>; 2] = [Vec::new(), Vec::new()];
         if first {
             summary.examined += ids.len() as u64;
         }
+        let mut refuse = |summary: &mut Summary, id: &str, msg: String| {
+            warn!("{msg}");
+            summary.errors.push(msg.clone());
+            out.failed.push((id.to_string(), msg, FailureKind::Record));
+        };
         'ids: for (i, id) in ids.iter().enumerate() {
             let mut states = Vec::with_capacity(2);
             for (side, slot) in [(Side::Local, &local[i]), (Side::Cloud, &cloud[i])] {
@@ -276,12 +361,14 @@ impl Engine {
                     Slot::Present(r) => {
                         if r.updated_at_ms.is_some_and(|t| t > max_future) {
                             self.stats.future_rejected.add(side, 1);
-                            let msg = format!(
-                                "{side} {collection}/{id}: updatedAt lies more than {}s in the future; not synced",
-                                self.config.sync.max_future_secs
+                            let secs = self.config.sync.max_future_secs;
+                            refuse(
+                                summary,
+                                id,
+                                format!(
+                                    "{side} {collection}/{id}: updatedAt lies more than {secs}s in the future; not synced"
+                                ),
                             );
-                            warn!("{msg}");
-                            summary.errors.push(msg);
                             continue 'ids;
                         }
                         SideState::present(r.doc.clone(), r.updated_at_ms, now)
@@ -291,15 +378,34 @@ impl Engine {
                     },
                     Slot::Invalid(reason) => {
                         self.stats.invalid.add(side, 1);
-                        let msg = format!("{side} {collection}/{id}: {reason}; skipped");
-                        warn!("{msg}");
-                        summary.errors.push(msg);
+                        refuse(
+                            summary,
+                            id,
+                            format!("{side} {collection}/{id}: {reason}; not synced"),
+                        );
                         continue 'ids;
                     }
                 };
                 states.push(st);
             }
             let decision = decide(mode, agreed.get(id), &states[0], &states[1], now);
+            if let Some(Target::Live { doc, .. }) = &decision.target {
+                let size = crate::record::canonical_json(doc).len();
+                if size > self.config.sync.max_doc_bytes {
+                    for &side in &decision.write_to {
+                        self.stats.rejected.add(side, 1);
+                    }
+                    let max = self.config.sync.max_doc_bytes;
+                    refuse(
+                        summary,
+                        id,
+                        format!(
+                            "{collection}/{id}: document is {size} bytes, over max_doc_bytes ({max})"
+                        ),
+                    );
+                    continue 'ids;
+                }
+            }
             for &side in &decision.write_to {
                 let slot = if side == Side::Local {
                     &local[i]
@@ -323,24 +429,22 @@ impl Engine {
         }
 
         // Both sides are written concurrently; each is one batch.
-        let collect = |side: Side| {
+        let apply = |side: Side| {
             let ws: Vec<Write> = writes[side_idx(side)]
                 .iter()
                 .map(|(_, w)| w.clone())
                 .collect();
             async move { self.store(side).apply(collection, &ws).await }
         };
-        let (l_out, c_out) = tokio::join!(collect(Side::Local), collect(Side::Cloud));
+        let (l_out, c_out) = tokio::join!(apply(Side::Local), apply(Side::Cloud));
         let mut failed_plans = BTreeSet::new();
-        let mut retry = Vec::new();
-        let mut store_error = None;
         for (side, outcome) in [(Side::Local, l_out), (Side::Cloud, c_out)] {
             let entries = &writes[side_idx(side)];
             match outcome {
                 Ok(outcomes) => {
-                    for ((plan, w), out) in entries.iter().zip(outcomes) {
+                    for ((plan, w), result) in entries.iter().zip(outcomes) {
                         let id = &w.record.id;
-                        match out {
+                        match result {
                             ApplyOutcome::Applied => {
                                 self.stats.applied.add(side, 1);
                                 count_write(summary, side, w.record.op);
@@ -348,27 +452,40 @@ impl Engine {
                             ApplyOutcome::Unchanged => {}
                             ApplyOutcome::Conflict => {
                                 failed_plans.insert(*plan);
-                                retry.push(id.clone());
+                                out.retry.push(id.clone());
                             }
                             ApplyOutcome::Rejected(reason) => {
                                 failed_plans.insert(*plan);
                                 self.stats.rejected.add(side, 1);
                                 let msg = format!("{side} refused {collection}/{id}: {reason}");
                                 warn!("{msg}");
-                                summary.errors.push(msg);
+                                summary.errors.push(msg.clone());
+                                out.failed.push((id.clone(), msg, FailureKind::Record));
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    failed_plans.extend(entries.iter().map(|(p, _)| *p));
-                    store_error = Some(e.context(format!(
-                        "applying to {side} ({})",
+                    Stats::bump(&self.stats.errors, 1);
+                    let msg = format!(
+                        "applying to {side} ({}): {e:#}",
                         self.store(side).describe()
-                    )));
+                    );
+                    warn!(error = %msg, "store write failed; the records are queued for retry");
+                    summary.errors.push(msg.clone());
+                    for (plan, w) in entries {
+                        failed_plans.insert(*plan);
+                        out.failed
+                            .push((w.record.id.clone(), msg.clone(), FailureKind::Store));
+                    }
                 }
             }
         }
+        // A record with a failed write on one side and a refused write on the other is queued once.
+        out.retry
+            .retain(|id| !out.failed.iter().any(|(f, _, _)| f == id));
+        out.failed.sort_by(|a, b| a.0.cmp(&b.0));
+        out.failed.dedup_by(|a, b| a.0 == b.0);
 
         let mut agreed_now: Vec<(String, Version)> = Vec::new();
         for (n, (i, d)) in plans.iter().enumerate() {
@@ -399,11 +516,36 @@ impl Engine {
             }
         }
         self.state.set_agreed(collection, &agreed_now).await?;
-        if let Some(e) = store_error {
-            return Err(e);
-        }
-        Ok(retry)
+        Ok(out)
     }
+}
+
+/// What one reconcile round leaves to do.
+#[derive(Default)]
+struct RoundOutcome {
+    /// Ids whose conditional write found the target changed: decide again from fresh reads.
+    retry: Vec<String>,
+    /// Ids that could not be synced now, with the reason: they go to the retry queue.
+    failed: Vec<(String, String, FailureKind)>,
+}
+
+/// What `GET /api/sync/status` and `syncbridge status` show.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// This bridge's instance id.
+    pub instance_id: String,
+    /// The configured mode.
+    pub mode: Mode,
+    /// The local store, redacted.
+    pub local: String,
+    /// The cloud store, redacted.
+    pub cloud: String,
+    /// Counters and store health since start.
+    pub counters: stats::StatsSnapshot,
+    /// The retry queue: pending, dead-lettered, oldest age.
+    pub queue: QueueCounts,
+    /// The last sweep.
+    pub last_sweep: Option<sweep::SweepReport>,
 }
 
 /// This bridge's id, made once and kept in the data directory so a restart keeps its identity.

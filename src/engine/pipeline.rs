@@ -25,8 +25,8 @@ const CHANNEL_BATCHES: usize = 16;
 /// Listener restart backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How soon a failed sweep or failed records are tried again.
-const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// How often the retry queue is checked, and how soon a failed sweep runs again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Asks the sweeper for a sweep out of schedule.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +92,24 @@ pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
     }
     let mut applied = true;
     let mut echoes = own;
-    for (collection, (ids, deleted_at)) in by_collection {
+    for (collection, (mut ids, deleted_at)) in by_collection {
+        // Records waiting in the retry queue keep their place: the new change joins the queue
+        // entry (made due now) instead of being applied around it.
+        match engine.queued(&collection, &ids).await {
+            Ok(queued) if !queued.is_empty() => {
+                if let Err(e) = engine.queue.touch(&collection, &queued).await {
+                    warn!(error = %format!("{e:#}"), "could not update the retry queue");
+                    applied = false;
+                }
+                ids.retain(|id| !queued.contains(id));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "could not read the retry queue; the batch will be replayed");
+                applied = false;
+                continue;
+            }
+        }
         for chunk in ids.chunks(engine.config.sync.batch_size) {
             let summary = engine
                 .reconcile(&collection, chunk, engine.config.sync.mode, &deleted_at)
@@ -138,9 +155,15 @@ async fn supervise_listener(
             sink: sink.clone(),
             shutdown: shutdown.clone(),
         };
-        if missed_changes && !store.capabilities().durable_changes {
-            // Notifications sent while we were away are gone: a full sweep finds their effects.
-            let _ = sweeps.try_send(SweepRequest::Full);
+        if missed_changes {
+            // The store may be back: whatever waits in the retry queue can try again now.
+            if let Err(e) = engine.queue.kick().await {
+                warn!(error = %format!("{e:#}"), "could not reschedule the retry queue");
+            }
+            if !store.capabilities().durable_changes {
+                // Notifications sent while we were away are gone: a full sweep finds their effects.
+                let _ = sweeps.try_send(SweepRequest::Full);
+            }
         }
         engine.stats.listener_up(side);
         let started = Instant::now();
@@ -196,7 +219,17 @@ async fn sweeper(
             },
             _ = tokio::time::sleep_until(wake) => {}
         }
-        engine.retry_failed(cfg.mode).await;
+        // Drain what is due in the retry queue, a batch at a time, yielding to shutdown.
+        loop {
+            match engine.drain_queue(cfg.mode).await {
+                Ok(n) if n >= cfg.batch_size && !shutdown.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "could not read the retry queue");
+                    break;
+                }
+            }
+        }
         let now = tokio::time::Instant::now();
         let full = now >= next_full;
         if !full && now < next_incremental {

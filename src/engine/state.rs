@@ -60,6 +60,11 @@ impl StateDb {
         Ok(StateDb { pool })
     }
 
+    /// The underlying pool, shared with the retry queue (one database, one file).
+    pub fn pool(&self) -> SqlitePool {
+        self.pool.clone()
+    }
+
     /// The agreed versions of these records (absent ids were never synced).
     pub async fn agreed(
         &self,

@@ -32,6 +32,8 @@ use tracing::{debug, info, warn};
 
 /// The change-log table the triggers fill.
 pub const CHANGE_LOG: &str = "_syncbridge_changes";
+/// SQLite rows whose UPDATE assigned updated_at, between the BEFORE and AFTER triggers.
+const TS_MARKS: &str = "_syncbridge_ts_marks";
 /// The NOTIFY channel PostgreSQL triggers signal.
 const NOTIFY_CHANNEL: &str = "syncbridge_changes";
 /// How often SQLite's change log is polled (it has no notifications across processes).
@@ -112,21 +114,29 @@ impl Dialect {
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_ins\" AFTER INSERT ON \"{table}\" \
                      BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); END"
                 ),
+                // An UPDATE that changes the document without assigning updated_at is a new
+                // version of unknown time: stamp it now, or last-writer-wins could take it for a
+                // stale copy and put the old one back. An UPDATE that assigns updated_at (even to
+                // its old value) states its version and is left alone; the BEFORE trigger marks
+                // those rows, and the AFTER trigger reads and clears the mark in one program, so
+                // the order is fixed.
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_mark\" BEFORE UPDATE OF updated_at ON \"{table}\" \
+                     BEGIN INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{table}', NEW.id); END"
+                ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_upd\" AFTER UPDATE ON \"{table}\" \
-                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); \
+                     BEGIN \
+                     UPDATE \"{table}\" SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
+                       WHERE id = NEW.id AND NEW.updated_at = OLD.updated_at AND NEW.doc IS NOT OLD.doc \
+                       AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{table}' AND id = NEW.id); \
+                     DELETE FROM {TS_MARKS} WHERE collection = '{table}' AND id = NEW.id; \
+                     INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); \
                      INSERT INTO {CHANGE_LOG}(collection, id) SELECT '{table}', OLD.id WHERE OLD.id <> NEW.id; END"
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_del\" AFTER DELETE ON \"{table}\" \
                      BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', OLD.id); END"
-                ),
-                // An edit that changes the document but not updated_at is a new version: stamp it,
-                // or last-writer-wins could take it for a stale copy and put the old one back.
-                format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_stamp\" AFTER UPDATE OF doc ON \"{table}\" \
-                     WHEN NEW.updated_at = OLD.updated_at AND NEW.doc IS NOT OLD.doc \
-                     BEGIN UPDATE \"{table}\" SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = NEW.id; END"
                 ),
             ],
             Dialect::Postgres => vec![
@@ -141,6 +151,12 @@ impl Dialect {
                     "CREATE OR REPLACE TRIGGER \"_syncbridge_capture\" AFTER INSERT OR UPDATE OR DELETE \
                      ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_capture('{table}')"
                 ),
+                // Stamping as on SQLite: BEFORE triggers run in name order, so the mark
+                // ("_syncbridge_mark", only when the UPDATE assigns updated_at) precedes the stamp.
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_mark\" BEFORE UPDATE OF updated_at \
+                     ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_mark()"
+                ),
                 format!(
                     "CREATE OR REPLACE TRIGGER \"_syncbridge_stamp\" BEFORE UPDATE \
                      ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_stamp()"
@@ -152,11 +168,17 @@ impl Dialect {
     /// Schema statements shared by all collections: the change log (and the trigger function).
     fn log_ddl(self) -> Vec<String> {
         match self {
-            Dialect::Sqlite => vec![format!(
-                "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
-                 collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
-                 changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
-            )],
+            Dialect::Sqlite => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+                     collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
+                     changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {TS_MARKS} (collection TEXT NOT NULL, id TEXT NOT NULL, \
+                     PRIMARY KEY (collection, id))"
+                ),
+            ],
             Dialect::Postgres => vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGSERIAL PRIMARY KEY, \
@@ -177,12 +199,17 @@ impl Dialect {
                        RETURN NULL;
                      END $fn$"
                 ),
-                // A client edit that changes the document but not updated_at is a new version:
-                // stamp it (the bridge's own writes, tagged by origin, carry their version).
-                "CREATE OR REPLACE FUNCTION _syncbridge_stamp() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                "CREATE OR REPLACE FUNCTION _syncbridge_mark() RETURNS trigger LANGUAGE plpgsql AS $fn$
                  BEGIN
-                   IF NEW.updated_at = OLD.updated_at AND NEW.doc IS DISTINCT FROM OLD.doc
-                      AND coalesce(current_setting('syncbridge.origin', true), '') = '' THEN
+                   PERFORM set_config('syncbridge.ts_assigned', NEW.id, true);
+                   RETURN NEW;
+                 END $fn$"
+                    .to_string(),
+                "CREATE OR REPLACE FUNCTION _syncbridge_stamp() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                 DECLARE assigned BOOLEAN := coalesce(current_setting('syncbridge.ts_assigned', true), '') = NEW.id;
+                 BEGIN
+                   PERFORM set_config('syncbridge.ts_assigned', '', true);
+                   IF NOT assigned AND NEW.updated_at = OLD.updated_at AND NEW.doc IS DISTINCT FROM OLD.doc THEN
                      NEW.updated_at := clock_timestamp();
                    END IF;
                    RETURN NEW;

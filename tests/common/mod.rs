@@ -139,6 +139,23 @@ impl TestStore {
         }
     }
 
+    /// Renames the record the way a person at a SQL prompt would: an UPDATE of the document
+    /// alone, leaving updated_at as it was (the README's demo). `None` for Redis, where the
+    /// equivalent is a SET that copies the old updatedAt: a tie, by design.
+    pub fn edit_name_in_place(&self, collection: &str, id: &str, name: &str) -> Option<()> {
+        let sql = match self.kind {
+            Kind::Redis => return None,
+            Kind::Sqlite => format!(
+                "UPDATE \"{collection}\" SET doc = json_set(doc, '$.name', '{name}') WHERE id = '{id}'"
+            ),
+            Kind::Postgres => format!(
+                "UPDATE \"{collection}\" SET doc = jsonb_set(doc, '{{name}}', to_jsonb('{name}'::text)) WHERE id = '{id}'"
+            ),
+        };
+        self.cli(&[&sql]);
+        Some(())
+    }
+
     /// Deletes `id` directly: `DEL`, or `DELETE` of the row.
     pub fn delete(&self, collection: &str, id: &str) {
         match self.kind {

@@ -1,0 +1,382 @@
+//! The durable retry queue: records whose sync failed, kept in `state.db` until they sync.
+//!
+//! The queue holds record *keys*, not payloads: the change itself is still in the source store,
+//! and a retry reconciles the record's current state on both sides. That is why nothing accepted
+//! is lost (the key is durable before the listener's position advances) and why order per id is
+//! kept by construction: a retry always syncs the newest state, so an earlier change can never
+//! land after a later one. While a key is queued, new changes to it join its queue entry instead
+//! of being applied around it.
+//!
+//! Failures come in two kinds. A *store* failure (connection refused, timeout) says nothing about
+//! the record: it is retried with backoff for as long as it takes, and all such entries are
+//! retried at once when a store comes back. A *record* failure (the target refused the value, the
+//! source holds something that is not a record) is retried `retry_max_attempts` times and then
+//! dead-lettered: kept, shown in status, retried or discarded by hand.
+
+use crate::record::now_ms;
+use anyhow::Result;
+use serde::Serialize;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::time::Duration;
+
+/// Why a record is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A store was unreachable or failed as a whole; retried until it comes back.
+    Store,
+    /// The record itself could not be synced; dead-lettered after the configured attempts.
+    Record,
+}
+
+/// One queued record, as status and the API show it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueEntry {
+    /// `collection/id`: the handle the API and CLI take.
+    pub key: String,
+    /// Collection.
+    pub collection: String,
+    /// Record id.
+    pub id: String,
+    /// Failed attempts so far.
+    pub attempts: i64,
+    /// The last error, already redacted.
+    pub last_error: String,
+    /// When (ms) the next attempt is due.
+    pub next_attempt_ms: i64,
+    /// When (ms) the record first failed.
+    pub first_failed_ms: i64,
+    /// Dead-lettered: no more automatic attempts.
+    pub dead: bool,
+}
+
+/// Queue totals for status.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Records waiting for a retry.
+    pub pending: i64,
+    /// Dead-lettered records.
+    pub failed: i64,
+    /// Age (ms) of the oldest queued record, if any.
+    pub oldest_age_ms: Option<i64>,
+}
+
+/// Backoff and dead-letter settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Record failures are dead-lettered after this many attempts.
+    pub max_attempts: i64,
+    /// First retry delay; doubles each attempt.
+    pub base: Duration,
+    /// Longest delay between attempts.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempts + 1`: exponential, capped, with up to 25% jitter so a
+    /// thousand records failed together do not retry in lockstep.
+    pub fn delay(&self, attempts: i64) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempts.clamp(0, 20) as u32);
+        let capped = exp.min(self.max);
+        let jitter = rand::random_range(0..=capped.as_millis() as u64 / 4);
+        capped + Duration::from_millis(jitter)
+    }
+}
+
+/// The queue, in the bridge's state database.
+#[derive(Clone)]
+pub struct RetryQueue {
+    pool: SqlitePool,
+    policy: RetryPolicy,
+}
+
+impl RetryQueue {
+    /// Opens the queue table in `pool` (the state database).
+    pub async fn open(pool: SqlitePool, policy: RetryPolicy) -> Result<RetryQueue> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS retry_queue (collection TEXT NOT NULL, id TEXT NOT NULL, \
+             attempts INTEGER NOT NULL, last_error TEXT NOT NULL, next_attempt_ms INTEGER NOT NULL, \
+             first_failed_ms INTEGER NOT NULL, dead INTEGER NOT NULL DEFAULT 0, \
+             PRIMARY KEY (collection, id))",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS retry_queue_due ON retry_queue (dead, next_attempt_ms)",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(RetryQueue { pool, policy })
+    }
+
+    /// Records failed attempts for these ids, in one transaction.
+    pub async fn fail(
+        &self,
+        collection: &str,
+        failures: &[(String, String, FailureKind)],
+    ) -> Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for (id, error, kind) in failures {
+            let attempts: i64 =
+                sqlx::query("SELECT attempts FROM retry_queue WHERE collection = ?1 AND id = ?2")
+                    .bind(collection)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.get(0))
+                    .unwrap_or(0)
+                    + 1;
+            let dead = *kind == FailureKind::Record && attempts >= self.policy.max_attempts;
+            let next = now + self.policy.delay(attempts - 1).as_millis() as i64;
+            sqlx::query(
+                "INSERT INTO retry_queue (collection, id, attempts, last_error, next_attempt_ms, first_failed_ms, dead) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (collection, id) DO UPDATE SET \
+                 attempts = excluded.attempts, last_error = excluded.last_error, \
+                 next_attempt_ms = excluded.next_attempt_ms, dead = excluded.dead",
+            )
+            .bind(collection)
+            .bind(id)
+            .bind(attempts)
+            .bind(error)
+            .bind(next)
+            .bind(now)
+            .bind(dead as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes ids that synced.
+    pub async fn remove(&self, collection: &str, ids: &[String]) -> Result<u64> {
+        let mut removed = 0;
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM retry_queue WHERE collection = ");
+            qb.push_bind(collection).push(" AND id IN (");
+            let mut sep = qb.separated(",");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            qb.push(")");
+            removed += qb.build().execute(&self.pool).await?.rows_affected();
+        }
+        Ok(removed)
+    }
+
+    /// Which of these ids are queued (pending or dead).
+    pub async fn queued(&self, collection: &str, ids: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT id FROM retry_queue WHERE collection = ");
+            qb.push_bind(collection).push(" AND id IN (");
+            let mut sep = qb.separated(",");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            qb.push(")");
+            out.extend(
+                qb.build()
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.get::<String, _>(0)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// A new change arrived for queued ids: make them due now, and give dead-lettered ones a
+    /// fresh set of attempts (the new state may well sync).
+    pub async fn touch(&self, collection: &str, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("UPDATE retry_queue SET next_attempt_ms = ");
+            qb.push_bind(now_ms())
+                .push(", attempts = CASE WHEN dead = 1 THEN 0 ELSE attempts END, dead = 0 WHERE collection = ")
+                .push_bind(collection)
+                .push(" AND id IN (");
+            let mut sep = qb.separated(",");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            qb.push(")");
+            qb.build().execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` pending entries whose next attempt is due, oldest due first.
+    pub async fn due(&self, limit: i64) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT collection, id FROM retry_queue WHERE dead = 0 AND next_attempt_ms <= ?1 \
+             ORDER BY next_attempt_ms LIMIT ?2",
+        )
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Makes every pending entry due now (a store came back).
+    pub async fn kick(&self) -> Result<()> {
+        sqlx::query(
+            "UPDATE retry_queue SET next_attempt_ms = ?1 WHERE dead = 0 AND next_attempt_ms > ?1",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Totals for status.
+    pub async fn counts(&self) -> Result<QueueCounts> {
+        let row = sqlx::query(
+            "SELECT coalesce(sum(dead = 0), 0), coalesce(sum(dead = 1), 0), min(first_failed_ms) FROM retry_queue",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> = row.get(2);
+        Ok(QueueCounts {
+            pending: row.get(0),
+            failed: row.get(1),
+            oldest_age_ms: oldest.map(|t| now_ms() - t),
+        })
+    }
+
+    /// Queued entries, dead-lettered only or all, oldest first.
+    pub async fn list(&self, dead_only: bool, limit: i64) -> Result<Vec<QueueEntry>> {
+        let rows = sqlx::query(
+            "SELECT collection, id, attempts, last_error, next_attempt_ms, first_failed_ms, dead \
+             FROM retry_queue WHERE dead >= ?1 ORDER BY first_failed_ms, collection, id LIMIT ?2",
+        )
+        .bind(dead_only as i64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let (collection, id): (String, String) = (r.get(0), r.get(1));
+                QueueEntry {
+                    key: format!("{collection}/{id}"),
+                    collection,
+                    id,
+                    attempts: r.get(2),
+                    last_error: r.get(3),
+                    next_attempt_ms: r.get(4),
+                    first_failed_ms: r.get(5),
+                    dead: r.get::<i64, _>(6) != 0,
+                }
+            })
+            .collect())
+    }
+
+    /// Puts a dead-lettered (or pending) entry back in line for an attempt now. Returns whether
+    /// the key was queued.
+    pub async fn retry(&self, key: &str) -> Result<bool> {
+        let Some((collection, id)) = key.split_once('/') else {
+            return Ok(false);
+        };
+        let done = sqlx::query(
+            "UPDATE retry_queue SET dead = 0, attempts = 0, next_attempt_ms = ?3 WHERE collection = ?1 AND id = ?2",
+        )
+        .bind(collection)
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Drops an entry for good (the operator decided the record need not sync). Returns whether
+    /// the key was queued.
+    pub async fn discard(&self, key: &str) -> Result<bool> {
+        let Some((collection, id)) = key.split_once('/') else {
+            return Ok(false);
+        };
+        Ok(self.remove(collection, &[id.to_string()]).await? > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue(max_attempts: i64) -> (tempfile::TempDir, RetryQueue) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::engine::state::StateDb::open(dir.path())
+            .await
+            .unwrap();
+        let policy = RetryPolicy {
+            max_attempts,
+            base: Duration::from_millis(0),
+            max: Duration::from_millis(0),
+        };
+        (dir, RetryQueue::open(state.pool(), policy).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn record_failures_dead_letter_and_store_failures_do_not() {
+        let (_d, q) = queue(3).await;
+        for _ in 0..5 {
+            q.fail(
+                "c",
+                &[("bad".into(), "refused".into(), FailureKind::Record)],
+            )
+            .await
+            .unwrap();
+            q.fail(
+                "c",
+                &[(
+                    "down".into(),
+                    "connection refused".into(),
+                    FailureKind::Store,
+                )],
+            )
+            .await
+            .unwrap();
+        }
+        let counts = q.counts().await.unwrap();
+        assert_eq!((counts.pending, counts.failed), (1, 1));
+        assert!(counts.oldest_age_ms.is_some());
+        let due = q.due(10).await.unwrap();
+        assert_eq!(due, vec![("c".to_string(), "down".to_string())]);
+        let dead = q.list(true, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].key, "c/bad");
+        assert_eq!(dead[0].attempts, 5);
+        // Retried by hand, it is due again with fresh attempts; discarded, it is gone.
+        assert!(q.retry("c/bad").await.unwrap());
+        assert_eq!(q.due(10).await.unwrap().len(), 2);
+        assert!(q.discard("c/bad").await.unwrap());
+        assert!(!q.discard("c/bad").await.unwrap());
+        assert_eq!(
+            q.queued("c", &["bad".into(), "down".into()]).await.unwrap(),
+            vec!["down".to_string()]
+        );
+        q.remove("c", &["down".into()]).await.unwrap();
+        assert_eq!(q.counts().await.unwrap(), QueueCounts::default());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        assert!(p.delay(0) >= Duration::from_secs(1) && p.delay(0) <= Duration::from_millis(1250));
+        assert!(p.delay(3) >= Duration::from_secs(8));
+        assert!(p.delay(30) <= Duration::from_secs(75));
+    }
+}
