@@ -268,35 +268,44 @@ impl Store for RedisStore {
         cursor: Option<String>,
         limit: usize,
     ) -> Result<ScanPage> {
+        // SCAN's COUNT is work per call, not results: in a keyspace shared with other data a
+        // call can return nothing. Keep scanning until a page is full or the keyspace is done.
         let mut conn = self.conn.clone();
-        let start: u64 = cursor.as_deref().unwrap_or("0").parse().unwrap_or(0);
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(start)
-            .arg("MATCH")
-            .arg(format!("{collection}:*"))
-            .arg("COUNT")
-            .arg(limit.max(1))
-            .query_async(&mut conn)
-            .await?;
+        let mut cursor: u64 = cursor.as_deref().unwrap_or("0").parse().unwrap_or(0);
         let prefix_len = collection.len() + 1;
-        let ids: Vec<String> = keys
-            .into_iter()
-            .map(|k| k[prefix_len..].to_string())
-            .collect();
-        let mut page = ScanPage {
-            next: (next != 0).then(|| next.to_string()),
-            ..ScanPage::default()
-        };
-        for (id, slot) in ids.iter().zip(self.read(collection, &ids).await?) {
-            match slot {
-                // Unstamped records count as changed: the engine stamps them.
-                Slot::Present(r)
-                    if since_ms.is_none_or(|s| r.updated_at_ms.is_none_or(|t| t >= s)) =>
-                {
-                    page.records.push(r)
+        let mut page = ScanPage::default();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{collection}:*"))
+                .arg("COUNT")
+                .arg(limit.max(1000))
+                .query_async(&mut conn)
+                .await?;
+            cursor = next;
+            let ids: Vec<String> = keys
+                .into_iter()
+                .map(|k| k[prefix_len..].to_string())
+                .collect();
+            for (id, slot) in ids.iter().zip(self.read(collection, &ids).await?) {
+                match slot {
+                    // Unstamped records count as changed: the engine stamps them.
+                    Slot::Present(r)
+                        if since_ms.is_none_or(|s| r.updated_at_ms.is_none_or(|t| t >= s)) =>
+                    {
+                        page.records.push(r)
+                    }
+                    Slot::Invalid(reason) => page.invalid.push((id.clone(), reason)),
+                    _ => {}
                 }
-                Slot::Invalid(reason) => page.invalid.push((id.clone(), reason)),
-                _ => {}
+            }
+            if cursor == 0 {
+                break;
+            }
+            if page.records.len() + page.invalid.len() >= limit.max(1) {
+                page.next = Some(cursor.to_string());
+                break;
             }
         }
         Ok(page)
