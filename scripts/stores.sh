@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Starts throwaway Redis and PostgreSQL servers on free loopback ports, for tests and benchmarks.
+# Throwaway Redis and PostgreSQL servers on free loopback ports, for tests and benchmarks.
+#
 # Source it: `. scripts/stores.sh; start_stores` exports SYNCBRIDGE_TEST_REDIS_URL and
-# SYNCBRIDGE_TEST_PG_URL; `stop_stores` (installed as an EXIT trap) stops them and removes
-# their directory. Missing servers are installed from Debian packages.
+# SYNCBRIDGE_TEST_PG_URL; `stop_stores` (installed as an EXIT trap) stops them and removes their
+# directory. Missing servers are installed from Debian packages. The single-server functions
+# (start_redis, stop_redis, start_pg, stop_pg) are also reachable as
+# `bash scripts/stores.sh <function> <dir> [port]`, which is how the fault test stops and
+# restarts servers under a running bridge.
 
 set -euo pipefail
 
@@ -26,38 +30,79 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# start_redis DIR PORT: Redis with an append-only file in DIR, so a restart keeps the data.
+start_redis() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec \
+    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
+    --databases 64 >&2
+  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "redis did not start on port $port" >&2
+  return 1
+}
+
+# stop_redis DIR: stops it (SHUTDOWN writes the append-only file) and waits for the process.
+stop_redis() {
+  local dir=$1 pid
+  [ -f "$dir/redis.pid" ] || return 0
+  pid=$(cat "$dir/redis.pid")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+# start_pg DIR PORT: PostgreSQL with its cluster in DIR/data (created on first start).
+start_pg() {
+  local dir=$1 port=$2
+  mkdir -p "$dir/sock"
+  chmod 755 "$dir"
+  if [ ! -d "$dir/data" ]; then
+    chown -R postgres: "$dir"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust \
+      -E UTF8 --no-locale --no-sync >"$dir/initdb.log" 2>&1
+  fi
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w \
+    -o "-p $port -k $dir/sock -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
+    start >/dev/null
+}
+
+# stop_pg DIR: a fast shutdown (connections are cut, as in an outage).
+stop_pg() {
+  local dir=$1
+  [ -d "$dir/data" ] || return 0
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
 start_stores() {
   ensure_packages
   STORES_DIR=$(mktemp -d /tmp/syncbridge-stores.XXXXXX)
   chmod 755 "$STORES_DIR" # postgres runs as its own user and must reach its data directory
   trap stop_stores EXIT
-
   local redis_port pg_port
   redis_port=$(free_port)
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-    --dir "$STORES_DIR" --daemonize yes --pidfile "$STORES_DIR/redis.pid" \
-    --logfile "$STORES_DIR/redis.log" --databases 64 >&2
-  for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  start_redis "$STORES_DIR/redis" "$redis_port"
   export SYNCBRIDGE_TEST_REDIS_URL="redis://127.0.0.1:${redis_port}"
-
   pg_port=$(free_port)
-  mkdir -p "$STORES_DIR/pg" "$STORES_DIR/pg/sock"
-  chown -R postgres: "$STORES_DIR/pg"
-  runuser -u postgres -- "$PG_BIN/initdb" -D "$STORES_DIR/pg/data" -U postgres --auth=trust \
-    -E UTF8 --no-locale --no-sync >"$STORES_DIR/initdb.log" 2>&1
-  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STORES_DIR/pg/data" -l "$STORES_DIR/pg/pg.log" -w \
-    -o "-p $pg_port -k $STORES_DIR/pg/sock -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
-    start >/dev/null
+  start_pg "$STORES_DIR/pg" "$pg_port"
   export SYNCBRIDGE_TEST_PG_URL="postgres://postgres@127.0.0.1:${pg_port}/postgres"
   echo "stores: redis on ${redis_port}, postgres on ${pg_port} (in ${STORES_DIR})" >&2
 }
 
 stop_stores() {
   [ -n "${STORES_DIR:-}" ] || return 0
-  if [ -f "$STORES_DIR/redis.pid" ]; then kill "$(cat "$STORES_DIR/redis.pid")" 2>/dev/null || true; fi
+  stop_redis "$STORES_DIR/redis"
   if [ -d "$STORES_DIR/pg/data" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STORES_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
   fi
   rm -rf "$STORES_DIR"
   STORES_DIR=
 }
+
+# Run as a command: `bash scripts/stores.sh start_redis DIR PORT`, and so on.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    start_redis | stop_redis | start_pg | stop_pg | ensure_packages | free_port) "$@" ;;
+    *) echo "usage: $0 start_redis|stop_redis|start_pg|stop_pg DIR [PORT]" >&2; exit 2 ;;
+  esac
+fi

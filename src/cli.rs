@@ -96,10 +96,12 @@ fn init_logging(format: LogFormat) {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(c) => {
-            let engine = Arc::new(Engine::open(Config::load(c.config.as_deref())?).await?);
+            let config = Config::load(c.config.as_deref())?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            pipeline::run(engine, shutdown).await?;
+            if let Some(engine) = pipeline::open_when_ready(config, &shutdown).await? {
+                pipeline::run(Arc::new(engine), shutdown).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { mode, config } => {

@@ -8,6 +8,8 @@
 
 use super::echo::is_own_write;
 use super::{DeleteHints, Engine};
+use crate::config::Config;
+use crate::stores::is_fatal;
 use crate::record::{Op, Side};
 use crate::stores::{ChangeBatch, ListenContext};
 use anyhow::Result;
@@ -35,9 +37,32 @@ pub enum SweepRequest {
     Full,
 }
 
-/// Runs the bridge until `shutdown` is cancelled.
+/// Opens both stores and prepares them, waiting (with backoff) for a store that is not up yet:
+/// a bridge started before its database must not exit. Errors no wait can fix ([`is_fatal`]:
+/// a refused server setting, an unsupported URI) are returned at once. `None` on shutdown.
+pub async fn open_when_ready(config: Config, shutdown: &CancellationToken) -> Result<Option<Engine>> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let attempt = async {
+            let engine = Engine::open(config.clone()).await?;
+            engine.prepare().await?;
+            anyhow::Ok(engine)
+        };
+        match attempt.await {
+            Ok(engine) => return Ok(Some(engine)),
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => warn!(error = %format!("{e:#}"), retry_in = ?backoff, "stores not ready; waiting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Runs a prepared bridge (see [`open_when_ready`]) until `shutdown` is cancelled.
 pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()> {
-    engine.prepare().await?;
     let (tx, mut rx) = mpsc::channel::<ChangeBatch>(CHANNEL_BATCHES);
     let (sweep_tx, sweep_rx) = mpsc::channel::<SweepRequest>(4);
     let mut tasks = JoinSet::new();
@@ -69,7 +94,8 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()>
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
-    info!("syncbridge stopped");
+    let counters = serde_json::to_string(&engine.stats.snapshot()).unwrap_or_default();
+    info!(%counters, "syncbridge stopped");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ pub mod redis;
 pub mod sql;
 
 use crate::record::{ChangeRecord, Side};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use async_trait::async_trait;
 use serde_json::Value;
 use std::sync::Arc;
@@ -169,6 +169,24 @@ pub trait Store: Send + Sync + 'static {
     async fn settle(&self, ack: Ack, applied: bool) -> Result<Option<String>>;
 }
 
+/// An error that retrying cannot fix (a refused server setting, an unsupported URI): the bridge
+/// exits with it instead of waiting for the store to come back.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// Whether `e` (or anything in its chain) is [`Fatal`].
+pub fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Fatal>())
+}
+
 /// Opens the store a URI names.
 pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
     let scheme = uri.split("://").next().unwrap_or_default();
@@ -177,10 +195,11 @@ pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
         "sqlite" | "postgres" | "postgresql" => {
             Ok(Arc::new(sql::SqlStore::connect(uri, instance_id).await?))
         }
-        other => bail!(
+        other => Err(Fatal(format!(
             "unsupported store URI scheme {other:?} in {}: use redis://, sqlite:// or postgres://",
             redact_uri(uri)
-        ),
+        ))
+        .into()),
     }
 }
 

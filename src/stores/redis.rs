@@ -16,7 +16,7 @@ use super::{
 use crate::record::{
     ChangeRecord, Op, Origin, canonical_json, doc_updated_at, now_ms, with_updated_at,
 };
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
@@ -93,7 +93,7 @@ impl RedisStore {
     /// Connects to the server a `redis://` or `rediss://` URI names.
     pub async fn connect(uri: &str) -> Result<RedisStore> {
         let client = redis::Client::open(uri)
-            .with_context(|| format!("invalid Redis URI {}", redact_uri(uri)))?;
+            .map_err(|e| super::Fatal(format!("invalid Redis URI {}: {e}", redact_uri(uri))))?;
         let db = client.get_connection_info().redis_settings().db();
         let conn = client
             .get_connection_manager()
@@ -139,12 +139,12 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| {
-                anyhow!(
+                super::Fatal(format!(
                     "Redis at {} refused `CONFIG SET notify-keyspace-events {merged}` ({e}); \
                      the bridge cannot hear changes without keyspace notifications: enable them \
                      in the server's configuration (notify-keyspace-events \"{NEEDED_EVENT_CLASSES}\")",
                     redact_uri(&self.uri)
-                )
+                ))
             })?;
         info!(store = %redact_uri(&self.uri), flags = %merged, "enabled Redis keyspace notifications");
         Ok(())
@@ -312,6 +312,8 @@ impl Store for RedisStore {
     }
 
     async fn listen(&self, ctx: ListenContext) -> Result<()> {
+        // A restarted server forgets runtime settings: enable notifications on every (re)connect.
+        self.enable_notifications().await?;
         let mut pubsub = self
             .client
             .get_async_pubsub()

@@ -251,8 +251,9 @@ pub fn config(
 impl TestBridge {
     /// Starts a bridge and waits until it has prepared the stores and swept once.
     pub async fn start(config: Config) -> TestBridge {
-        let engine = Arc::new(Engine::open(config).await.expect("bridge opens"));
         let shutdown = CancellationToken::new();
+        let engine = pipeline::open_when_ready(config, &shutdown).await.expect("bridge opens").expect("not shut down");
+        let engine = Arc::new(engine);
         let task = tokio::spawn(pipeline::run(engine.clone(), shutdown.clone()));
         let started = Instant::now();
         while engine.last_sweep.lock().unwrap().is_none() {
