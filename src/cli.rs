@@ -58,6 +58,35 @@ pub enum Command {
     },
     /// Connect to both stores and report what was found.
     Check(ConfigArg),
+    /// Records that could not be synced: list them, retry or discard them.
+    Failed {
+        /// What to do.
+        #[command(subcommand)]
+        action: FailedAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// What to do with the retry queue.
+#[derive(Subcommand, Debug)]
+pub enum FailedAction {
+    /// List queued records (dead letters, or all with --all).
+    List {
+        /// Include records still being retried, not only dead letters.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put a record (`collection/id`) back in line for an attempt now.
+    Retry {
+        /// `collection/id`.
+        key: String,
+    },
+    /// Drop a record (`collection/id`) from the queue for good.
+    Discard {
+        /// `collection/id`.
+        key: String,
+    },
 }
 
 /// Entry point of the binary.
@@ -74,7 +103,6 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -151,6 +179,71 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Failed { action, config } => {
+            // The queue lives in the data directory: no store connection is needed.
+            let config = Config::load(config.config.as_deref())?;
+            let state = crate::engine::state::StateDb::open(&config.data_dir).await?;
+            let queue =
+                crate::engine::queue::RetryQueue::open(state.pool(), retry_policy(&config)).await?;
+            match action {
+                FailedAction::List { all } => {
+                    let entries = queue.list(!all, 1000).await?;
+                    if entries.is_empty() {
+                        println!("nothing queued");
+                    }
+                    for e in entries {
+                        println!(
+                            "{}  {}  attempts {}  first failed {}  {}",
+                            e.key,
+                            if e.dead { "dead" } else { "pending" },
+                            e.attempts,
+                            crate::record::format_ts(e.first_failed_ms),
+                            e.last_error
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                FailedAction::Retry { key } | FailedAction::Discard { key }
+                    if !key.contains('/') =>
+                {
+                    anyhow::bail!(
+                        "{key:?} is not a queue key: use collection/id, as `syncbridge failed list` prints"
+                    )
+                }
+                FailedAction::Retry { key } => {
+                    let found = queue.retry(&key).await?;
+                    println!(
+                        "{}",
+                        if found {
+                            "queued for an attempt now"
+                        } else {
+                            "not in the queue"
+                        }
+                    );
+                    Ok(if found {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                FailedAction::Discard { key } => {
+                    let found = queue.discard(&key).await?;
+                    println!(
+                        "{}",
+                        if found {
+                            "discarded"
+                        } else {
+                            "not in the queue"
+                        }
+                    );
+                    Ok(if found {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+            }
+        }
         Command::Check(c) => {
             let config = Config::load(c.config.as_deref())?;
             let engine = Engine::open(config.clone()).await?;
@@ -185,6 +278,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn retry_policy(config: &Config) -> crate::engine::queue::RetryPolicy {
+    crate::engine::queue::RetryPolicy::from_config(&config.sync)
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

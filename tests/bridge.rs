@@ -317,3 +317,80 @@ macro_rules! pair_tests {
 pair_tests!(postgres_redis, Kind::Postgres, Kind::Redis);
 pair_tests!(sqlite_redis, Kind::Sqlite, Kind::Redis);
 pair_tests!(sqlite_postgres, Kind::Sqlite, Kind::Postgres);
+
+/// Bad input in a synced namespace (a key of another Redis type, a value that is not JSON, a
+/// document over the size limit) is skipped with a counter and dead-lettered after its
+/// attempts; the bridge goes on syncing everything else, and a fixed record syncs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_data_is_counted_dead_lettered_and_the_bridge_goes_on() {
+    let (local, cloud, c, dir) = (
+        TestStore::new(Kind::Sqlite),
+        TestStore::new(Kind::Redis),
+        collection("bad"),
+        data_dir(),
+    );
+    let mut cfg = config(&local, &cloud, &[&c], Mode::Both, &path(&dir));
+    cfg.sync.retry_max_attempts = 2;
+    cfg.sync.retry_base_ms = 50;
+    cfg.sync.retry_max_secs = 1;
+    cfg.sync.max_doc_bytes = 2048;
+    let bridge = TestBridge::start(cfg).await;
+    cloud.raw(&["HSET", &format!("{c}:hash"), "f", "v"]);
+    cloud.raw(&["SET", &format!("{c}:text"), "not json"]);
+    cloud.put(
+        &c,
+        "big",
+        &json!({ "blob": "x".repeat(4096), "updatedAt": format_ts(now_ms()) }),
+    );
+    cloud.put(&c, "good", &doc("fine", now_ms()));
+    same_everywhere(&local, &cloud, &c, "good", Some("fine")).await;
+    let engine = bridge.engine.clone();
+    // HSET is not among the notified classes (K$gxe): the full sweep, due every
+    // full_sweep_interval_secs on Redis, is what finds a hash in the namespace. Run one now.
+    engine.sweep(Mode::Both, true, None).await.unwrap();
+    let mut failed = Vec::new();
+    for _ in 0..200 {
+        failed = engine.queue.list(true, 10).await.unwrap();
+        if failed.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys: Vec<&str> = failed.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys.len(), 3, "dead letters: {failed:?}");
+    for id in ["big", "hash", "text"] {
+        assert!(
+            keys.contains(&format!("{c}/{id}").as_str()),
+            "{id} dead-lettered: {failed:?}"
+        );
+    }
+    assert!(
+        failed
+            .iter()
+            .any(|e| e.last_error.contains("max_doc_bytes")),
+        "{failed:?}"
+    );
+    let status = engine.status().await.unwrap();
+    assert_eq!(status.queue.failed, 3);
+    assert!(
+        status.counters.invalid.cloud >= 2 && status.counters.rejected.local >= 1,
+        "{status:?}"
+    );
+    assert_eq!(local.count(&c), 1, "nothing bad reached local");
+
+    // The source is fixed: a new change to a dead-lettered record makes it sync.
+    cloud.raw(&["DEL", &format!("{c}:text")]);
+    cloud.put(&c, "text", &doc("now valid", now_ms()));
+    same_everywhere(&local, &cloud, &c, "text", Some("now valid")).await;
+    eventually("the fixed record to leave the queue", || {
+        futures::executor::block_on(engine.queue.list(true, 10))
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    // An operator gives up on one and retries the other by hand.
+    assert!(engine.queue.discard(&format!("{c}/hash")).await.unwrap());
+    assert!(engine.queue.retry(&format!("{c}/big")).await.unwrap());
+    bridge.stop().await;
+}

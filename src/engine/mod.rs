@@ -130,12 +130,7 @@ impl Engine {
         cloud: Arc<dyn Store>,
     ) -> Result<Engine> {
         let state = StateDb::open(&config.data_dir).await?;
-        let policy = RetryPolicy {
-            max_attempts: config.sync.retry_max_attempts,
-            base: std::time::Duration::from_millis(config.sync.retry_base_ms),
-            max: std::time::Duration::from_secs(config.sync.retry_max_secs),
-        };
-        let queue = RetryQueue::open(state.pool(), policy).await?;
+        let queue = RetryQueue::open(state.pool(), RetryPolicy::from_config(&config.sync)).await?;
         let counts = queue.counts().await?;
         let queue_in_use = counts.pending + counts.failed > 0;
         Ok(Engine {

@@ -9,8 +9,8 @@
 use super::echo::is_own_write;
 use super::{DeleteHints, Engine};
 use crate::config::Config;
-use crate::stores::is_fatal;
 use crate::record::{Op, Side};
+use crate::stores::is_fatal;
 use crate::stores::{ChangeBatch, ListenContext};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -40,7 +40,10 @@ pub enum SweepRequest {
 /// Opens both stores and prepares them, waiting (with backoff) for a store that is not up yet:
 /// a bridge started before its database must not exit. Errors no wait can fix ([`is_fatal`]:
 /// a refused server setting, an unsupported URI) are returned at once. `None` on shutdown.
-pub async fn open_when_ready(config: Config, shutdown: &CancellationToken) -> Result<Option<Engine>> {
+pub async fn open_when_ready(
+    config: Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<Engine>> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let attempt = async {
@@ -51,7 +54,9 @@ pub async fn open_when_ready(config: Config, shutdown: &CancellationToken) -> Re
         match attempt.await {
             Ok(engine) => return Ok(Some(engine)),
             Err(e) if is_fatal(&e) => return Err(e),
-            Err(e) => warn!(error = %format!("{e:#}"), retry_in = ?backoff, "stores not ready; waiting"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "stores not ready; waiting")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),

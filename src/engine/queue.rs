@@ -73,6 +73,15 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The policy the `[sync]` settings describe.
+    pub fn from_config(sync: &crate::config::SyncConfig) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: sync.retry_max_attempts,
+            base: Duration::from_millis(sync.retry_base_ms),
+            max: Duration::from_secs(sync.retry_max_secs),
+        }
+    }
+
     /// The delay before attempt `attempts + 1`: exponential, capped, with up to 25% jitter so a
     /// thousand records failed together do not retry in lockstep.
     pub fn delay(&self, attempts: i64) -> Duration {

@@ -62,12 +62,14 @@ impl Engine {
                 let mut cursor = None;
                 loop {
                     let page = store.scan(collection, since, cursor, batch).await?;
-                    for (id, reason) in &page.invalid {
-                        self.stats.invalid.add(side, 1);
-                        part.errors
-                            .push(format!("{side} {collection}/{id}: {reason}; skipped"));
-                    }
-                    let ids: Vec<String> = page.records.iter().map(|r| r.id.clone()).collect();
+                    // Invalid values go through reconcile too: it counts them and queues them
+                    // (dead-lettered after their attempts), as it would a listener's.
+                    let ids: Vec<String> = page
+                        .records
+                        .iter()
+                        .map(|r| r.id.clone())
+                        .chain(page.invalid.iter().map(|(id, _)| id.clone()))
+                        .collect();
                     if !ids.is_empty() {
                         part.absorb(self.reconcile(collection, &ids, mode, &no_hints).await);
                     }

@@ -252,7 +252,10 @@ impl TestBridge {
     /// Starts a bridge and waits until it has prepared the stores and swept once.
     pub async fn start(config: Config) -> TestBridge {
         let shutdown = CancellationToken::new();
-        let engine = pipeline::open_when_ready(config, &shutdown).await.expect("bridge opens").expect("not shut down");
+        let engine = pipeline::open_when_ready(config, &shutdown)
+            .await
+            .expect("bridge opens")
+            .expect("not shut down");
         let engine = Arc::new(engine);
         let task = tokio::spawn(pipeline::run(engine.clone(), shutdown.clone()));
         let started = Instant::now();
