@@ -661,6 +661,20 @@ mod tests {
         assert!(s.settle(Ack::Token("garbage".into()), true).await.is_err());
     }
 
+    #[tokio::test]
+    async fn an_unreadable_checkpoint_is_a_lost_position_not_a_crash_loop() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let ctx = ListenContext {
+            side: crate::record::Side::Local,
+            collections: vec!["users".into()],
+            checkpoint: Some("{not a token".into()),
+            sink: tx,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        };
+        let err = store().listen(ctx).await.unwrap_err();
+        assert!(err.chain().any(|c| c.is::<PositionLost>()), "{err:#}");
+    }
+
     #[test]
     fn lost_history_is_a_position_lost_error() {
         let e: MongoError = ErrorKind::Command(
