@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The test command: starts its own Redis and PostgreSQL on free loopback ports, runs the whole
 # suite against them (and against MongoDB too when MONGODB_URI names a replica set), stops them.
+# MongoDB cannot be started here; the MongoDB tests run when MONGODB_URI (inherited from the
+# environment) names a replica set, e.g. the compose file's: `docker compose up -d mongo`, then
+# MONGODB_URI='mongodb://127.0.0.1:27017/synctest?replicaSet=rs0&directConnection=true'.
+# Without it they print one "SKIPPED: ..." line and test nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/stores.sh
