@@ -157,13 +157,16 @@ impl Ord for Version {
     }
 }
 
-/// Canonical text of a JSON value: keys sorted, no whitespace.
+/// Canonical text of a JSON value: keys sorted (recursively), no whitespace.
 ///
-/// `serde_json::Value` keeps objects in a `BTreeMap` (the crate is built without
-/// `preserve_order`), so plain serialization is already canonical. PostgreSQL `jsonb` reorders
-/// keys and drops whitespace; hashing this form keeps identical documents identical.
+/// PostgreSQL `jsonb` reorders keys and drops whitespace; hashing this form keeps identical
+/// documents identical. The keys are sorted explicitly: `serde_json` is built with
+/// `preserve_order` (the `bson` crate that the MongoDB driver uses turns it on), so objects keep
+/// insertion order and plain serialization would not be canonical.
 pub fn canonical_json(doc: &Value) -> String {
-    serde_json::to_string(doc).expect("a serde_json::Value always serializes")
+    let mut sorted = doc.clone();
+    sorted.sort_all_objects();
+    serde_json::to_string(&sorted).expect("a serde_json::Value always serializes")
 }
 
 /// Hex of the first 16 bytes of SHA-256 over [`canonical_json`].

@@ -10,8 +10,7 @@ use super::echo::is_own_write;
 use super::{DeleteHints, Engine};
 use crate::config::Config;
 use crate::record::{Op, Side};
-use crate::stores::is_fatal;
-use crate::stores::{ChangeBatch, ListenContext};
+use crate::stores::{ChangeBatch, ListenContext, PositionLost, is_fatal};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -175,10 +174,16 @@ async fn supervise_listener(
     let store = engine.store(side).clone();
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0u64;
+    // Set when the listener reported its position lost: start from the present, sweep in full.
+    let mut position_lost = false;
     loop {
         let missed_changes = attempt > 0;
         attempt += 1;
-        let checkpoint = engine.state.checkpoint(side).await.ok().flatten();
+        let checkpoint = if position_lost {
+            None
+        } else {
+            engine.state.checkpoint(side).await.ok().flatten()
+        };
         let ctx = ListenContext {
             side,
             collections: engine.config.sync.collections.clone(),
@@ -191,15 +196,24 @@ async fn supervise_listener(
             if let Err(e) = engine.queue.kick().await {
                 warn!(error = %format!("{e:#}"), "could not reschedule the retry queue");
             }
-            if !store.capabilities().durable_changes {
-                // Notifications sent while we were away are gone: a full sweep finds their effects.
-                let _ = sweeps.try_send(SweepRequest::Full);
-            }
         }
+        if position_lost || (missed_changes && !store.capabilities().durable_changes) {
+            // Notifications sent while we were away are gone: a full sweep finds their effects.
+            let _ = sweeps.try_send(SweepRequest::Full);
+        }
+        position_lost = false;
         engine.stats.listener_up(side);
         let started = Instant::now();
         match store.listen(ctx).await {
             Ok(()) => return,
+            Err(e) if e.chain().any(|c| c.is::<PositionLost>()) => {
+                let msg = format!("{e:#}");
+                warn!(%side, store = %store.describe(), error = %msg, "listener position lost; reopening from now and running a full sweep");
+                engine.stats.listener_down(side, msg);
+                super::stats::Stats::bump(&engine.stats.errors, 1);
+                position_lost = true;
+                backoff = BACKOFF_MIN;
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
                 warn!(%side, store = %store.describe(), error = %msg, retry_in = ?backoff, "listener stopped; reconnecting");

@@ -12,6 +12,7 @@
 //! are idempotent: applying a write whose result the store already holds reports
 //! [`ApplyOutcome::Unchanged`] and changes nothing.
 
+pub mod mongo;
 pub mod redis;
 pub mod sql;
 
@@ -120,6 +121,15 @@ pub struct ListenContext {
     pub shutdown: CancellationToken,
 }
 
+/// A listener error that means "my saved position is useless": the store can no longer replay
+/// the changes after it (a MongoDB resume token that fell off the oplog), or what it watched was
+/// dropped, renamed or invalidated. Changes may have been missed, so the engine restarts the
+/// listener from the present (ignoring the checkpoint) and runs a full sweep to find them.
+/// Returning this instead of a plain error is what keeps such a listener out of a crash loop.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PositionLost(pub String);
+
 /// What a store can do, so the engine can plan sweeps without naming stores.
 #[derive(Debug, Clone, Copy)]
 pub struct Capabilities {
@@ -195,8 +205,9 @@ pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
         "sqlite" | "postgres" | "postgresql" => {
             Ok(Arc::new(sql::SqlStore::connect(uri, instance_id).await?))
         }
+        "mongodb" | "mongodb+srv" => Ok(Arc::new(mongo::MongoStore::connect(uri).await?)),
         other => Err(Fatal(format!(
-            "unsupported store URI scheme {other:?} in {}: use redis://, sqlite:// or postgres://",
+            "unsupported store URI scheme {other:?} in {}: use redis://, sqlite://, postgres://, mongodb:// or mongodb+srv://",
             redact_uri(uri)
         ))
         .into()),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use syncbridge::config::{Config, StoreConfig};
 use syncbridge::engine::policy::Mode;
 use syncbridge::engine::{Engine, pipeline};
+use syncbridge::stores::mongo::convert;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +20,7 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 
 fn env_uri(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run the tests with scripts/test.sh, which starts Redis and PostgreSQL")
+        panic!("{var} is not set: run the tests with scripts/test.sh, which starts Redis and PostgreSQL (MongoDB: see common::available)")
     })
 }
 
@@ -37,6 +38,59 @@ pub enum Kind {
     Redis,
     Postgres,
     Sqlite,
+    /// A MongoDB replica set named by `MONGODB_URI` (none can run on our machines; see
+    /// [`available`]).
+    Mongo,
+}
+
+/// The line printed when the MongoDB tests cannot run.
+pub const MONGO_SKIPPED: &str = "SKIPPED: MongoDB integration tests need MONGODB_URI pointing at a replica set \
+     (docker compose up mongo; then MONGODB_URI=mongodb://127.0.0.1:27017/synctest?replicaSet=rs0 \
+     with port 27017 published, or any other replica set)";
+
+/// Whether a test against `kind` can run here. Redis, PostgreSQL and SQLite always can (the
+/// test script starts them). MongoDB only when `MONGODB_URI` is set; otherwise this says so
+/// once, on stderr past the test harness's capture, and the test must return without
+/// asserting anything: it has tested nothing, and the line says so.
+pub fn available(kind: Kind) -> bool {
+    if kind != Kind::Mongo || std::env::var("MONGODB_URI").is_ok_and(|u| !u.is_empty()) {
+        return true;
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{MONGO_SKIPPED}");
+    });
+    false
+}
+
+/// Runs `f` against the `MONGODB_URI` database on a thread of its own (the kit's clients are
+/// synchronous, and may be called from inside the tests' runtime), as an application would:
+/// with the official driver, knowing nothing of syncbridge.
+pub fn mongo<T, F, Fut>(uri: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(mongodb::Database) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let uri = uri.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let client = mongodb::Client::with_uri_str(&uri)
+                .await
+                .expect("MongoDB client");
+            let db = client
+                .default_database()
+                .expect("MONGODB_URI names a database (mongodb://host/db?replicaSet=rs0)");
+            f(db).await
+        })
+    })
+    .join()
+    .expect("MongoDB client thread")
 }
 
 /// A store for one test: its URI and a CLI client that writes to it directly.
@@ -58,6 +112,11 @@ impl TestStore {
             Kind::Postgres => TestStore {
                 kind,
                 uri: env_uri("SYNCBRIDGE_TEST_PG_URL"),
+                _dir: None,
+            },
+            Kind::Mongo => TestStore {
+                kind,
+                uri: env_uri("MONGODB_URI"),
                 _dir: None,
             },
             Kind::Sqlite => {
@@ -94,6 +153,7 @@ impl TestStore {
                 c.args(["-cmd", ".timeout 10000", self.sqlite_path()]);
                 c
             }
+            Kind::Mongo => unreachable!("MongoDB is written through the driver, not a CLI"),
         };
         let out = cmd.args(args).output().expect("store CLI runs");
         assert!(
@@ -114,6 +174,30 @@ impl TestStore {
     pub fn put(&self, collection: &str, id: &str, doc: &Value) {
         let text = doc.to_string();
         match self.kind {
+            Kind::Mongo => {
+                // As an application writes: updatedAt a BSON Date when the document has one.
+                let at = syncbridge::record::doc_updated_at(doc);
+                let mut d = syncbridge::stores::mongo::convert::record_to_document(
+                    convert::id_for_insert(id),
+                    doc,
+                    at.unwrap_or(0),
+                )
+                .expect("a document MongoDB can store");
+                if at.is_none() {
+                    d.remove("updatedAt");
+                }
+                let (c, filter) = (
+                    collection.to_string(),
+                    mongodb::bson::doc! { "_id": d.get("_id").cloned() },
+                );
+                mongo(&self.uri, move |db| async move {
+                    db.collection::<mongodb::bson::Document>(&c)
+                        .replace_one(filter, d)
+                        .upsert(true)
+                        .await
+                        .expect("MongoDB replace");
+                });
+            }
             Kind::Redis => {
                 self.cli(&["SET", &format!("{collection}:{id}"), &text]);
             }
@@ -144,7 +228,7 @@ impl TestStore {
     /// equivalent is a SET that copies the old updatedAt: a tie, by design.
     pub fn edit_name_in_place(&self, collection: &str, id: &str, name: &str) -> Option<()> {
         let sql = match self.kind {
-            Kind::Redis => return None,
+            Kind::Redis | Kind::Mongo => return None,
             Kind::Sqlite => format!(
                 "UPDATE \"{collection}\" SET doc = json_set(doc, '$.name', '{name}') WHERE id = '{id}'"
             ),
@@ -159,6 +243,15 @@ impl TestStore {
     /// Deletes `id` directly: `DEL`, or `DELETE` of the row.
     pub fn delete(&self, collection: &str, id: &str) {
         match self.kind {
+            Kind::Mongo => {
+                let (c, ids) = (collection.to_string(), convert::id_candidates(id));
+                mongo(&self.uri, move |db| async move {
+                    db.collection::<mongodb::bson::Document>(&c)
+                        .delete_many(mongodb::bson::doc! { "_id": { "$in": ids } })
+                        .await
+                        .expect("MongoDB delete");
+                });
+            }
             Kind::Redis => {
                 self.cli(&["DEL", &format!("{collection}:{id}")]);
             }
@@ -168,14 +261,47 @@ impl TestStore {
         }
     }
 
-    /// Runs a raw statement or command through the CLI.
+    /// Runs a raw statement or command through the CLI. On MongoDB, `[collection, document]`
+    /// inserts the document, given as Extended JSON, exactly as written.
     pub fn raw(&self, args: &[&str]) -> String {
+        if self.kind == Kind::Mongo {
+            let json: Value = serde_json::from_str(args[1]).expect("Extended JSON");
+            let d = match mongodb::bson::Bson::try_from(json).expect("Extended JSON") {
+                mongodb::bson::Bson::Document(d) => d,
+                other => panic!("not a document: {other}"),
+            };
+            let c = args[0].to_string();
+            mongo(&self.uri, move |db| async move {
+                db.collection::<mongodb::bson::Document>(&c)
+                    .insert_one(d)
+                    .await
+                    .expect("MongoDB insert");
+            });
+            return String::new();
+        }
         self.cli(args)
+    }
+
+    /// The raw MongoDB document stored under a record id (either `_id` form).
+    pub fn mongo_doc(&self, collection: &str, id: &str) -> Option<mongodb::bson::Document> {
+        let (c, ids) = (collection.to_string(), convert::id_candidates(id));
+        mongo(&self.uri, move |db| async move {
+            db.collection::<mongodb::bson::Document>(&c)
+                .find_one(mongodb::bson::doc! { "_id": { "$in": ids } })
+                .await
+                .expect("MongoDB find")
+        })
     }
 
     /// The document stored under `id`, read with the CLI; `updatedAt` is taken from the
     /// `updated_at` column on SQL stores (the column is the version there).
     pub fn get(&self, collection: &str, id: &str) -> Option<Value> {
+        if self.kind == Kind::Mongo {
+            // The record's JSON form: Extended JSON without `_id`, updatedAt as RFC 3339.
+            return self
+                .mongo_doc(collection, id)
+                .map(|d| convert::document_to_record(&d).expect("a valid record").doc);
+        }
         let out = match self.kind {
             Kind::Redis => self.cli(&["--no-raw", "GET", &format!("{collection}:{id}")]),
             Kind::Postgres => self.cli(&[&format!(
@@ -185,6 +311,7 @@ impl TestStore {
             Kind::Sqlite => self.cli(&[&format!(
                 "SELECT json_object('doc', json(doc), 'ts', updated_at) FROM \"{collection}\" WHERE id = '{id}'"
             )]),
+            Kind::Mongo => unreachable!("handled above"),
         };
         let out = out.trim();
         if out.is_empty() || out == "(nil)" {
@@ -207,6 +334,15 @@ impl TestStore {
 
     /// Number of records in `collection`.
     pub fn count(&self, collection: &str) -> usize {
+        if self.kind == Kind::Mongo {
+            let c = collection.to_string();
+            return mongo(&self.uri, move |db| async move {
+                db.collection::<mongodb::bson::Document>(&c)
+                    .count_documents(mongodb::bson::doc! {})
+                    .await
+                    .expect("MongoDB count") as usize
+            });
+        }
         let out = match self.kind {
             Kind::Redis => self.cli(&["--scan", "--pattern", &format!("{collection}:*")]),
             _ => self.cli(&[&format!("SELECT id FROM \"{collection}\"")]),
