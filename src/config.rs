@@ -3,7 +3,7 @@
 //! With no file at all the bridge runs on an embedded default that needs no server (two SQLite
 //! files under `data/`), so `syncbridge run` works on a fresh machine.
 
-use crate::engine::policy::Mode;
+use crate::engine::policy::{ConflictPolicy, MergePrefer, Mode, Rules};
 use anyhow::{Context, Result, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -45,6 +45,8 @@ pub struct SyncConfig {
     pub retry_base_ms: u64,
     /// Longest delay between retries, in seconds.
     pub retry_max_secs: u64,
+    /// Days the losing version of a decided conflict is kept for audit.
+    pub conflict_retention_days: u64,
     /// Documents larger than this (canonical JSON bytes) are not synced: dead-lettered with the
     /// reason. 16 MiB is MongoDB's limit, the smallest of the supported stores.
     pub max_doc_bytes: usize,
@@ -65,8 +67,23 @@ impl Default for SyncConfig {
             retry_base_ms: 1000,
             retry_max_secs: 60,
             max_doc_bytes: 16 * 1024 * 1024,
+            conflict_retention_days: 30,
         }
     }
+}
+
+/// Per-collection settings (`[[collections]]`); a collection listed only in
+/// `sync.collections` gets the defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionConfig {
+    /// The collection's name (table, key prefix, MongoDB collection).
+    pub name: String,
+    /// How a conflict is decided: lww (default), local-wins, cloud-wins, merge, manual.
+    #[serde(default)]
+    pub conflict: ConflictPolicy,
+    /// For `merge`: whose value a field changed on both sides takes (latest, local, cloud).
+    #[serde(default)]
+    pub merge_prefer: MergePrefer,
 }
 
 /// The whole configuration.
@@ -82,6 +99,9 @@ pub struct Config {
     /// Where the bridge keeps its own state.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Per-collection settings; their names join `sync.collections`.
+    #[serde(default)]
+    pub collections: Vec<CollectionConfig>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -99,6 +119,7 @@ impl Default for Config {
             },
             sync: SyncConfig::default(),
             data_dir: default_data_dir(),
+            collections: Vec::new(),
         }
     }
 }
@@ -151,8 +172,25 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect();
         }
+        for c in &config.collections {
+            if !config.sync.collections.contains(&c.name) {
+                config.sync.collections.push(c.name.clone());
+            }
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The conflict rules of `collection`.
+    pub fn rules(&self, collection: &str) -> Rules {
+        self.collections
+            .iter()
+            .find(|c| c.name == collection)
+            .map(|c| Rules {
+                conflict: c.conflict,
+                merge_prefer: c.merge_prefer,
+            })
+            .unwrap_or_default()
     }
 
     /// Rejects settings the bridge cannot run with, saying why.
@@ -230,6 +268,23 @@ mod tests {
             assert_eq!(c.sync.batch_size, 9);
             Ok(())
         });
+    }
+
+    #[test]
+    fn collections_carry_their_conflict_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[local]\nuri = \"sqlite://a.db\"\n[cloud]\nuri = \"sqlite://b.db\"\n[sync]\ncollections = [\"a\"]\n\
+             [[collections]]\nname = \"notes\"\nconflict = \"merge\"\nmerge_prefer = \"cloud\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.sync.collections, vec!["a", "notes"]);
+        assert_eq!(c.rules("notes").conflict, ConflictPolicy::Merge);
+        assert_eq!(c.rules("notes").merge_prefer, MergePrefer::Cloud);
+        assert_eq!(c.rules("a"), Rules::default());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! once the writes are done. A listener event is only a hint that a record may have changed:
 //! the decision is always made from fresh reads, so a late or replayed event cannot do harm.
 
+pub mod conflicts;
 pub mod echo;
+pub mod merge;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;
@@ -18,9 +20,11 @@ use crate::config::Config;
 use crate::record::{ChangeRecord, Op, Origin, Side, Version, now_ms};
 use crate::stores::{ApplyOutcome, Slot, Store, Write};
 use anyhow::Result;
-use policy::{Decision, Mode, Reason, SideState, Target, decide};
+use conflicts::ConflictLog;
+use policy::{ConflictPolicy, Decision, Mode, Reason, SideState, Target, decide};
 use queue::{FailureKind, QueueCounts, RetryPolicy, RetryQueue};
 use serde::Serialize;
+use serde_json::Value;
 use state::StateDb;
 use stats::Stats;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -53,6 +57,8 @@ pub struct Engine {
     pub last_sweep: std::sync::Mutex<Option<sweep::SweepReport>>,
     /// Records that could not be synced yet, kept on disk until they are.
     pub queue: RetryQueue,
+    /// Parked conflicts and the audit of decided ones.
+    pub conflicts: ConflictLog,
     /// Whether the queue may hold entries; keeps queue look-ups off the hot path when empty.
     queue_in_use: AtomicBool,
 }
@@ -76,6 +82,8 @@ pub struct Summary {
     pub conflicts: Vec<ConflictNote>,
     /// Records left alone because the mode forbids the write.
     pub skipped_by_mode: u64,
+    /// Conflicts parked for a person to resolve (`manual` collections).
+    pub parked: u64,
     /// Records that could not be synced, with the reason.
     pub errors: Vec<String>,
     /// Records that could not be synced now and went to the durable retry queue.
@@ -93,8 +101,8 @@ pub struct ConflictNote {
     pub collection: String,
     /// Record id.
     pub id: String,
-    /// The side whose version won.
-    pub winner: Side,
+    /// Which version won: `local`, `cloud` or `merged`.
+    pub winner: String,
     /// Decided by the hash because both `updatedAt`s were equal.
     pub tie_break: bool,
 }
@@ -110,6 +118,7 @@ impl Summary {
         self.deleted_cloud += other.deleted_cloud;
         self.conflicts.extend(other.conflicts);
         self.skipped_by_mode += other.skipped_by_mode;
+        self.parked += other.parked;
         self.errors.extend(other.errors);
         self.queued += other.queued;
         self.unfinished += other.unfinished;
@@ -131,6 +140,7 @@ impl Engine {
     ) -> Result<Engine> {
         let state = StateDb::open(&config.data_dir).await?;
         let queue = RetryQueue::open(state.pool(), RetryPolicy::from_config(&config.sync)).await?;
+        let conflicts = ConflictLog::open(state.pool()).await?;
         let counts = queue.counts().await?;
         let queue_in_use = counts.pending + counts.failed > 0;
         Ok(Engine {
@@ -143,6 +153,7 @@ impl Engine {
             reconcile_lock: tokio::sync::Mutex::new(()),
             last_sweep: std::sync::Mutex::new(None),
             queue,
+            conflicts,
             queue_in_use: AtomicBool::new(queue_in_use),
         })
     }
@@ -331,15 +342,29 @@ impl Engine {
         summary: &mut Summary,
         first: bool,
     ) -> Result<RoundOutcome> {
+        let rules = self.config.rules(collection);
         let (agreed, local, cloud) = tokio::try_join!(
             self.state.agreed(collection, ids),
             self.local.read(collection, ids),
             self.cloud.read(collection, ids),
         )?;
+        let bases = match rules.conflict {
+            ConflictPolicy::Merge => self.state.agreed_docs(collection, ids).await?,
+            _ => HashMap::new(),
+        };
+        let parked: BTreeSet<String> = match rules.conflict {
+            ConflictPolicy::Manual => self
+                .conflicts
+                .parked_ids(collection, ids)
+                .await?
+                .into_iter()
+                .collect(),
+            _ => BTreeSet::new(),
+        };
         let now = now_ms();
         let max_future = now + (self.config.sync.max_future_secs as i64) * 1000;
         let mut out = RoundOutcome::default();
-        let mut plans: Vec<(usize, Decision)> = Vec::new();
+        let mut plans: Vec<(usize, Decision, [Option<Value>; 2])> = Vec::new();
         let mut writes: [Vec<(usize, Write)>; 2] = [Vec::new(), Vec::new()];
         if first {
             summary.examined += ids.len() as u64;
@@ -383,7 +408,40 @@ impl Engine {
                 };
                 states.push(st);
             }
-            let decision = decide(mode, agreed.get(id), &states[0], &states[1], now);
+            let docs = [doc_of(&states[0]), doc_of(&states[1])];
+            if parked.contains(id) {
+                // A parked record stays parked until resolved: later changes refresh the parked
+                // versions instead of syncing around it, unless both sides now agree anyway.
+                let entry = self.conflicts.parked(collection, id).await?;
+                if docs[0] == docs[1] {
+                    if let Some(e) = entry {
+                        self.conflicts
+                            .mark_resolved(e.id, "converged", None)
+                            .await?;
+                    }
+                } else {
+                    let base = entry.as_ref().and_then(|e| e.base.clone());
+                    self.conflicts
+                        .park(
+                            collection,
+                            id,
+                            docs[0].as_ref(),
+                            docs[1].as_ref(),
+                            base.as_ref(),
+                        )
+                        .await?;
+                    continue 'ids;
+                }
+            }
+            let decision = decide(
+                mode,
+                rules,
+                agreed.get(id),
+                bases.get(id),
+                &states[0],
+                &states[1],
+                now,
+            );
             if let Some(Target::Live { doc, .. }) = &decision.target {
                 let size = crate::record::canonical_json(doc).len();
                 if size > self.config.sync.max_doc_bytes {
@@ -420,7 +478,7 @@ impl Engine {
                     },
                 ));
             }
-            plans.push((i, decision));
+            plans.push((i, decision, docs));
         }
 
         // Both sides are written concurrently; each is one batch.
@@ -483,27 +541,80 @@ impl Engine {
         out.failed.dedup_by(|a, b| a.0 == b.0);
 
         let mut agreed_now: Vec<(String, Version)> = Vec::new();
-        for (n, (i, d)) in plans.iter().enumerate() {
+        let mut agreed_docs: Vec<(String, Option<String>)> = Vec::new();
+        for (n, (i, d, docs)) in plans.iter().enumerate() {
             let id = &ids[*i];
             if failed_plans.contains(&n) {
                 continue;
             }
             if let Some(v) = &d.agree {
                 agreed_now.push((id.clone(), v.clone()));
+                if rules.conflict == ConflictPolicy::Merge {
+                    let doc = match &d.target {
+                        Some(Target::Live { doc, .. }) => Some(doc.to_string()),
+                        Some(Target::Deleted(_)) => None,
+                        None => docs[0].as_ref().map(|doc| doc.to_string()),
+                    };
+                    agreed_docs.push((id.clone(), doc));
+                }
             }
+            let base = bases.get(id);
             match d.reason {
                 Reason::InSync => summary.in_sync += 1,
                 Reason::Conflict { winner, tie_break } => {
                     self.stats.conflicts.add(winner, 1);
+                    self.stats
+                        .conflict_outcome(rules.conflict.as_str(), winner.as_str());
                     if tie_break {
                         Stats::bump(&self.stats.tie_breaks, 1);
                     }
+                    let loser = docs[side_idx(winner.other())].as_ref();
+                    self.conflicts
+                        .record_decided(
+                            collection,
+                            id,
+                            rules.conflict.as_str(),
+                            winner.as_str(),
+                            docs[0].as_ref(),
+                            docs[1].as_ref(),
+                            base,
+                            loser,
+                        )
+                        .await?;
                     summary.conflicts.push(ConflictNote {
                         collection: collection.to_string(),
                         id: id.clone(),
-                        winner,
+                        winner: winner.as_str().to_string(),
                         tie_break,
                     });
+                }
+                Reason::Merged => {
+                    self.stats.conflict_outcome("merge", "merged");
+                    self.conflicts
+                        .record_decided(
+                            collection,
+                            id,
+                            "merge",
+                            "merged",
+                            docs[0].as_ref(),
+                            docs[1].as_ref(),
+                            base,
+                            None,
+                        )
+                        .await?;
+                    summary.conflicts.push(ConflictNote {
+                        collection: collection.to_string(),
+                        id: id.clone(),
+                        winner: "merged".into(),
+                        tie_break: false,
+                    });
+                }
+                Reason::Parked => {
+                    self.stats.conflict_outcome("manual", "parked");
+                    self.conflicts
+                        .park(collection, id, docs[0].as_ref(), docs[1].as_ref(), base)
+                        .await?;
+                    summary.parked += 1;
                 }
                 Reason::Stale(_) => Stats::bump(&self.stats.stale_reverted, 1),
                 Reason::NotThisWay => summary.skipped_by_mode += 1,
@@ -511,6 +622,7 @@ impl Engine {
             }
         }
         self.state.set_agreed(collection, &agreed_now).await?;
+        self.state.set_agreed_docs(collection, &agreed_docs).await?;
         Ok(out)
     }
 }
@@ -557,6 +669,14 @@ fn instance_id(data_dir: &std::path::Path) -> Result<String> {
     let id = uuid::Uuid::new_v4().to_string();
     std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)
+}
+
+/// The document a side holds, `None` if it holds none.
+fn doc_of(state: &SideState) -> Option<Value> {
+    match state {
+        SideState::Present { doc, .. } => Some(doc.clone()),
+        SideState::Absent { .. } => None,
+    }
 }
 
 fn side_idx(side: Side) -> usize {

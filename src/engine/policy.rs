@@ -74,6 +74,58 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How a conflict (both sides changed since they last agreed) is decided, per collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// The later version (`updatedAt`, then hash) wins.
+    #[default]
+    Lww,
+    /// The local side's version wins, deletes included.
+    LocalWins,
+    /// The cloud side's version wins, deletes included.
+    CloudWins,
+    /// Field-level three-way merge against the last agreed document.
+    Merge,
+    /// Neither side is changed; the conflict is parked for a person to resolve.
+    Manual,
+}
+
+impl ConflictPolicy {
+    /// Name as in the config, for logs, status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::Lww => "lww",
+            ConflictPolicy::LocalWins => "local-wins",
+            ConflictPolicy::CloudWins => "cloud-wins",
+            ConflictPolicy::Merge => "merge",
+            ConflictPolicy::Manual => "manual",
+        }
+    }
+}
+
+/// For `merge`: whose value a field changed on both sides takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergePrefer {
+    /// The side with the later version.
+    #[default]
+    Latest,
+    /// Always local's.
+    Local,
+    /// Always cloud's.
+    Cloud,
+}
+
+/// The conflict rules of one collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rules {
+    /// How conflicts are decided.
+    pub conflict: ConflictPolicy,
+    /// For `merge`: who wins a field changed on both sides.
+    pub merge_prefer: MergePrefer,
+}
+
 /// What one store holds for a record, as the policy sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SideState {
@@ -186,6 +238,10 @@ pub enum Reason {
     },
     /// An overwrite mode copies `Side` whatever changed.
     Overwrite(Side),
+    /// Both changed; the `merge` policy combined them field by field.
+    Merged,
+    /// Both changed; the `manual` policy parks the conflict and writes nothing.
+    Parked,
     /// The mode does not allow the needed write; left as is.
     NotThisWay,
 }
@@ -203,10 +259,13 @@ pub struct Decision {
     pub agree: Option<Version>,
 }
 
-/// Decides one record. `now` is the bridge's clock, used for tombstones of unknown time.
+/// Decides one record. `base` is the last agreed document (kept for `merge` collections);
+/// `now` is the bridge's clock, used for tombstones of unknown time.
 pub fn decide(
     mode: Mode,
+    rules: Rules,
     agreed: Option<&Version>,
+    base: Option<&Value>,
     local: &SideState,
     cloud: &SideState,
     now: i64,
@@ -241,7 +300,30 @@ pub fn decide(
     let (winner, reason) = match mode {
         Mode::OverwriteLocal => (Side::Cloud, Reason::Overwrite(Side::Cloud)),
         Mode::OverwriteCloud => (Side::Local, Reason::Overwrite(Side::Local)),
-        _ => pick_winner(agreed, local, cloud),
+        _ => match pick_winner(agreed, local, cloud) {
+            (_, Reason::Conflict { .. }) if rules.conflict != ConflictPolicy::Lww => {
+                match resolve_conflict(rules, base, local, cloud) {
+                    Resolution::Winner(side) => (
+                        side,
+                        Reason::Conflict {
+                            winner: side,
+                            tie_break: false,
+                        },
+                    ),
+                    Resolution::Merged(target) => return merged(mode, target, local, cloud),
+                    Resolution::Park => {
+                        return Decision {
+                            reason: Reason::Parked,
+                            target: None,
+                            write_to: Vec::new(),
+                            agree: None,
+                        };
+                    }
+                    Resolution::Lww => pick_winner(agreed, local, cloud),
+                }
+            }
+            picked => picked,
+        },
     };
     let target = match state(winner) {
         SideState::Present { version, doc, .. } => Target::Live {
@@ -279,6 +361,79 @@ pub fn decide(
     Decision {
         reason,
         agree: Some(target.version().clone()),
+        target: Some(target),
+        write_to,
+    }
+}
+
+/// How a non-LWW policy settles a conflict.
+enum Resolution {
+    /// This side's state wins.
+    Winner(Side),
+    /// A merged document, for both sides.
+    Merged(Target),
+    /// Nobody wins yet: park it.
+    Park,
+    /// The policy does not apply (merge with a delete): last writer wins.
+    Lww,
+}
+
+fn resolve_conflict(
+    rules: Rules,
+    base: Option<&Value>,
+    local: &SideState,
+    cloud: &SideState,
+) -> Resolution {
+    match rules.conflict {
+        ConflictPolicy::Lww => Resolution::Lww,
+        ConflictPolicy::LocalWins => Resolution::Winner(Side::Local),
+        ConflictPolicy::CloudWins => Resolution::Winner(Side::Cloud),
+        ConflictPolicy::Manual => Resolution::Park,
+        ConflictPolicy::Merge => match (local, cloud) {
+            (
+                SideState::Present {
+                    version: lv,
+                    doc: ld,
+                    ..
+                },
+                SideState::Present {
+                    version: cv,
+                    doc: cd,
+                    ..
+                },
+            ) => {
+                let prefer = match rules.merge_prefer {
+                    MergePrefer::Local => Side::Local,
+                    MergePrefer::Cloud => Side::Cloud,
+                    MergePrefer::Latest if lv > cv => Side::Local,
+                    MergePrefer::Latest => Side::Cloud,
+                };
+                let at = lv.updated_at_ms.max(cv.updated_at_ms);
+                let doc = with_updated_at(super::merge::merge(base, ld, cd, prefer), at);
+                Resolution::Merged(Target::Live {
+                    version: Version::of_doc(at, &doc),
+                    doc,
+                })
+            }
+            // An edit against a delete has no fields to merge.
+            _ => Resolution::Lww,
+        },
+    }
+}
+
+/// The decision that writes a merged document to every side that does not hold it yet.
+fn merged(mode: Mode, target: Target, local: &SideState, cloud: &SideState) -> Decision {
+    let version = target.version().clone();
+    let mut write_to = Vec::new();
+    for (side, state) in [(Side::Local, local), (Side::Cloud, cloud)] {
+        let holds = matches!(state, SideState::Present { version: v, stamped: false, .. } if v.hash == version.hash);
+        if !holds && mode.may_write(side) {
+            write_to.push(side);
+        }
+    }
+    Decision {
+        reason: Reason::Merged,
+        agree: Some(version),
         target: Some(target),
         write_to,
     }
@@ -338,6 +493,148 @@ mod tests {
 
     const NOW: i64 = 1_000_000;
 
+    fn decide_lww(
+        mode: Mode,
+        agreed: Option<&Version>,
+        l: &SideState,
+        c: &SideState,
+        now: i64,
+    ) -> Decision {
+        decide(mode, Rules::default(), agreed, None, l, c, now)
+    }
+
+    fn with(conflict: ConflictPolicy) -> Rules {
+        Rules {
+            conflict,
+            merge_prefer: MergePrefer::Latest,
+        }
+    }
+
+    #[test]
+    fn priority_policies_pick_their_side_even_against_a_later_write_or_a_delete() {
+        let base = version(&live("base", 1));
+        let (l, c) = (live("local", 20), live("cloud", 30));
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::LocalWins),
+            Some(&base),
+            None,
+            &l,
+            &c,
+            NOW,
+        );
+        assert_eq!(
+            d.reason,
+            Reason::Conflict {
+                winner: Side::Local,
+                tie_break: false
+            }
+        );
+        assert_eq!(d.write_to, vec![Side::Cloud]);
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::CloudWins),
+            Some(&base),
+            None,
+            &gone(Some(40)),
+            &c,
+            NOW,
+        );
+        assert_eq!(d.write_to, vec![Side::Local]);
+        assert!(matches!(d.target, Some(Target::Live { .. })));
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::LocalWins),
+            Some(&base),
+            None,
+            &gone(Some(5)),
+            &c,
+            NOW,
+        );
+        assert!(
+            matches!(d.target, Some(Target::Deleted(_))),
+            "the priority side's delete wins"
+        );
+    }
+
+    #[test]
+    fn merge_writes_the_combined_document_to_both_sides() {
+        let base_doc = with_updated_at(json!({"name": "Ada", "city": "London"}), 1);
+        let base = Version::of_doc(1, &base_doc);
+        let l = SideState::present(
+            with_updated_at(json!({"name": "Ada L.", "city": "London"}), 20),
+            Some(20),
+            NOW,
+        );
+        let c = SideState::present(
+            with_updated_at(json!({"name": "Ada", "city": "Paris"}), 30),
+            Some(30),
+            NOW,
+        );
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::Merge),
+            Some(&base),
+            Some(&base_doc),
+            &l,
+            &c,
+            NOW,
+        );
+        assert_eq!(d.reason, Reason::Merged);
+        assert_eq!(d.write_to, vec![Side::Local, Side::Cloud]);
+        match d.target {
+            Some(Target::Live { doc, version }) => {
+                assert_eq!(doc["name"], "Ada L.");
+                assert_eq!(doc["city"], "Paris");
+                assert_eq!(version.updated_at_ms, 30);
+            }
+            other => panic!("{other:?}"),
+        }
+        // An edit against a delete has nothing to merge: last writer wins.
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::Merge),
+            Some(&base),
+            Some(&base_doc),
+            &gone(Some(40)),
+            &c,
+            NOW,
+        );
+        assert_eq!(
+            d.reason,
+            Reason::Conflict {
+                winner: Side::Local,
+                tie_break: false
+            }
+        );
+    }
+
+    #[test]
+    fn manual_parks_and_writes_nothing_but_one_sided_changes_still_flow() {
+        let base = version(&live("base", 1));
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::Manual),
+            Some(&base),
+            None,
+            &live("l", 2),
+            &live("c", 3),
+            NOW,
+        );
+        assert_eq!(d.reason, Reason::Parked);
+        assert!(d.write_to.is_empty() && d.agree.is_none());
+        let d = decide(
+            Mode::Both,
+            with(ConflictPolicy::Manual),
+            Some(&base),
+            None,
+            &live("l", 2),
+            &live("base", 1),
+            NOW,
+        );
+        assert_eq!(d.reason, Reason::Changed(Side::Local));
+    }
+
     fn live(name: &str, t: i64) -> SideState {
         SideState::present(with_updated_at(json!({ "name": name }), t), Some(t), NOW)
     }
@@ -351,7 +648,7 @@ mod tests {
     #[test]
     fn equal_sides_matching_the_agreed_version_are_an_echo() {
         let a = live("ada", 10);
-        let d = decide(Mode::Both, Some(&version(&a)), &a, &a.clone(), NOW);
+        let d = decide_lww(Mode::Both, Some(&version(&a)), &a, &a.clone(), NOW);
         assert_eq!(d.reason, Reason::InSync);
         assert!(d.write_to.is_empty());
         assert_eq!(d.agree, None, "nothing new to record");
@@ -360,7 +657,7 @@ mod tests {
     #[test]
     fn a_new_record_on_one_side_is_copied() {
         let a = live("ada", 10);
-        let d = decide(Mode::Both, None, &a, &gone(None), NOW);
+        let d = decide_lww(Mode::Both, None, &a, &gone(None), NOW);
         assert_eq!(d.reason, Reason::Changed(Side::Local));
         assert_eq!(d.write_to, vec![Side::Cloud]);
         assert_eq!(d.agree, Some(version(&a)));
@@ -369,7 +666,7 @@ mod tests {
     #[test]
     fn a_one_sided_delete_of_a_synced_record_propagates() {
         let a = live("ada", 10);
-        let d = decide(Mode::Both, Some(&version(&a)), &a, &gone(None), NOW);
+        let d = decide_lww(Mode::Both, Some(&version(&a)), &a, &gone(None), NOW);
         assert_eq!(d.reason, Reason::Changed(Side::Cloud));
         assert_eq!(d.write_to, vec![Side::Local]);
         let agreed = d.agree.unwrap();
@@ -380,13 +677,13 @@ mod tests {
     fn a_deleted_and_synced_record_is_never_resurrected_by_a_stale_write() {
         let tomb = Version::tombstone(50);
         let old_edit = live("ada", 40);
-        let d = decide(Mode::Both, Some(&tomb), &old_edit, &gone(None), NOW);
+        let d = decide_lww(Mode::Both, Some(&tomb), &old_edit, &gone(None), NOW);
         assert_eq!(d.reason, Reason::Stale(Side::Local));
         assert_eq!(d.write_to, vec![Side::Local]);
         assert!(matches!(d.target, Some(Target::Deleted(_))));
         // A genuinely later edit does bring it back.
         let new_edit = live("ada", 60);
-        let d = decide(Mode::Both, Some(&tomb), &new_edit, &gone(None), NOW);
+        let d = decide_lww(Mode::Both, Some(&tomb), &new_edit, &gone(None), NOW);
         assert_eq!(d.reason, Reason::Changed(Side::Local));
         assert_eq!(d.write_to, vec![Side::Cloud]);
     }
@@ -396,8 +693,8 @@ mod tests {
         let base = version(&live("base", 1));
         let x = live("x", 20);
         let y = live("y", 30);
-        let d1 = decide(Mode::Both, Some(&base), &x, &y, NOW);
-        let d2 = decide(Mode::Both, Some(&base), &y, &x, NOW);
+        let d1 = decide_lww(Mode::Both, Some(&base), &x, &y, NOW);
+        let d2 = decide_lww(Mode::Both, Some(&base), &y, &x, NOW);
         assert_eq!(
             d1.reason,
             Reason::Conflict {
@@ -415,8 +712,8 @@ mod tests {
         assert_eq!(d1.agree, d2.agree);
         // Equal times: the hash decides, identically both ways round.
         let p = live("p", 20);
-        let d1 = decide(Mode::Both, Some(&base), &x, &p, NOW);
-        let d2 = decide(Mode::Both, Some(&base), &p, &x, NOW);
+        let d1 = decide_lww(Mode::Both, Some(&base), &x, &p, NOW);
+        let d2 = decide_lww(Mode::Both, Some(&base), &p, &x, NOW);
         assert!(matches!(
             d1.reason,
             Reason::Conflict {
@@ -432,7 +729,7 @@ mod tests {
     fn a_delete_older_than_an_edit_on_the_other_side_loses() {
         let base = version(&live("base", 10));
         let edit = live("edit", 30);
-        let d = decide(Mode::Both, Some(&base), &gone(Some(20)), &edit, NOW);
+        let d = decide_lww(Mode::Both, Some(&base), &gone(Some(20)), &edit, NOW);
         assert_eq!(
             d.reason,
             Reason::Conflict {
@@ -441,7 +738,7 @@ mod tests {
             }
         );
         assert_eq!(d.write_to, vec![Side::Local]);
-        let d = decide(Mode::Both, Some(&base), &gone(Some(40)), &edit, NOW);
+        let d = decide_lww(Mode::Both, Some(&base), &gone(Some(40)), &edit, NOW);
         assert_eq!(
             d.reason,
             Reason::Conflict {
@@ -451,7 +748,7 @@ mod tests {
         );
         assert!(matches!(d.target, Some(Target::Deleted(_))));
         // A delete whose time nobody knows loses to the live edit.
-        let d = decide(Mode::Both, Some(&base), &gone(None), &edit, NOW);
+        let d = decide_lww(Mode::Both, Some(&base), &gone(None), &edit, NOW);
         assert_eq!(
             d.reason,
             Reason::Conflict {
@@ -464,7 +761,7 @@ mod tests {
     #[test]
     fn a_document_without_updated_at_is_stamped_on_both_sides() {
         let raw = SideState::present(json!({"name": "ada"}), None, NOW);
-        let d = decide(Mode::Both, None, &raw, &gone(None), NOW);
+        let d = decide_lww(Mode::Both, None, &raw, &gone(None), NOW);
         assert_eq!(d.write_to, vec![Side::Cloud, Side::Local]);
         match d.target {
             Some(Target::Live { doc, version }) => {
@@ -478,10 +775,10 @@ mod tests {
     #[test]
     fn one_way_modes_only_write_one_way() {
         let a = live("ada", 10);
-        let d = decide(Mode::LocalToCloud, None, &gone(None), &a, NOW);
+        let d = decide_lww(Mode::LocalToCloud, None, &gone(None), &a, NOW);
         assert_eq!(d.reason, Reason::NotThisWay);
         assert!(d.write_to.is_empty());
-        let d = decide(Mode::CloudToLocal, None, &gone(None), &a, NOW);
+        let d = decide_lww(Mode::CloudToLocal, None, &gone(None), &a, NOW);
         assert_eq!(d.write_to, vec![Side::Local]);
     }
 
@@ -489,10 +786,10 @@ mod tests {
     fn overwrite_copies_deletions_and_older_versions_too() {
         let newer_local = live("mine", 99);
         let older_cloud = live("theirs", 1);
-        let d = decide(Mode::OverwriteLocal, None, &newer_local, &older_cloud, NOW);
+        let d = decide_lww(Mode::OverwriteLocal, None, &newer_local, &older_cloud, NOW);
         assert_eq!(d.reason, Reason::Overwrite(Side::Cloud));
         assert_eq!(d.write_to, vec![Side::Local]);
-        let d = decide(Mode::OverwriteLocal, None, &newer_local, &gone(None), NOW);
+        let d = decide_lww(Mode::OverwriteLocal, None, &newer_local, &gone(None), NOW);
         assert_eq!(d.write_to, vec![Side::Local]);
         assert!(matches!(d.target, Some(Target::Deleted(_))));
     }

@@ -57,6 +57,17 @@ impl StateDb {
         ] {
             sqlx::query(sql).execute(&pool).await?;
         }
+        // The agreed document, kept only for `merge` collections (the base of a three-way merge).
+        // Added by ALTER so state files from before it keep working.
+        let has_doc = sqlx::query("SELECT 1 FROM pragma_table_info('agreed') WHERE name = 'doc'")
+            .fetch_optional(&pool)
+            .await?
+            .is_some();
+        if !has_doc {
+            sqlx::query("ALTER TABLE agreed ADD COLUMN doc TEXT")
+                .execute(&pool)
+                .await?;
+        }
         Ok(StateDb { pool })
     }
 
@@ -118,6 +129,54 @@ impl StateDb {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The agreed documents of these records (only `merge` collections keep them).
+    pub async fn agreed_docs(
+        &self,
+        collection: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, serde_json::Value>> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT id, doc FROM agreed WHERE doc IS NOT NULL AND collection = ",
+            );
+            qb.push_bind(collection).push(" AND id IN (");
+            let mut sep = qb.separated(",");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            qb.push(")");
+            for row in qb.build().fetch_all(&self.pool).await? {
+                if let Ok(doc) = serde_json::from_str(&row.get::<String, _>(1)) {
+                    out.insert(row.get::<String, _>(0), doc);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps the agreed documents of records just agreed (for `merge` collections).
+    pub async fn set_agreed_docs(
+        &self,
+        collection: &str,
+        docs: &[(String, Option<String>)],
+    ) -> Result<()> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, doc) in docs {
+            sqlx::query("UPDATE agreed SET doc = ?3 WHERE collection = ?1 AND id = ?2")
+                .bind(collection)
+                .bind(id)
+                .bind(doc)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -87,6 +87,8 @@ pub struct Stats {
     /// Store errors (connection lost, timeouts).
     pub errors: AtomicU64,
     health: Mutex<[StoreHealth; 2]>,
+    /// Conflicts by `policy:outcome` (`lww:cloud`, `merge:merged`, `manual:parked`, ...).
+    conflict_outcomes: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 fn idx(side: Side) -> usize {
@@ -124,6 +126,16 @@ impl Stats {
         self.health.lock().expect("health lock")[idx(side)].last_event_ms = Some(now_ms());
     }
 
+    /// Counts a conflict decided by `policy` with `outcome`.
+    pub fn conflict_outcome(&self, policy: &str, outcome: &str) {
+        *self
+            .conflict_outcomes
+            .lock()
+            .expect("conflict outcome lock")
+            .entry(format!("{policy}:{outcome}"))
+            .or_default() += 1;
+    }
+
     /// A serializable copy of everything.
     pub fn snapshot(&self) -> StatsSnapshot {
         let h = self.health.lock().expect("health lock").clone();
@@ -140,6 +152,11 @@ impl Stats {
             future_rejected: self.future_rejected.snapshot(),
             rejected: self.rejected.snapshot(),
             errors: load(&self.errors),
+            conflict_outcomes: self
+                .conflict_outcomes
+                .lock()
+                .expect("conflict outcome lock")
+                .clone(),
             local: h[0].clone(),
             cloud: h[1].clone(),
         }
@@ -161,6 +178,7 @@ pub struct StatsSnapshot {
     pub future_rejected: SidePair,
     pub rejected: SidePair,
     pub errors: u64,
+    pub conflict_outcomes: std::collections::BTreeMap<String, u64>,
     pub local: StoreHealth,
     pub cloud: StoreHealth,
 }
