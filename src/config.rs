@@ -38,6 +38,9 @@ pub struct SyncConfig {
     pub tombstone_retention_days: u64,
     /// Most records reconciled together.
     pub batch_size: usize,
+    /// Cron expression (5 fields, or 6 with seconds first) for scheduled full reconciliation
+    /// passes, on top of the sweeps; `None` runs none. Checked at start-up.
+    pub schedule: Option<String>,
 }
 
 impl Default for SyncConfig {
@@ -51,7 +54,46 @@ impl Default for SyncConfig {
             max_future_secs: 3600,
             tombstone_retention_days: 30,
             batch_size: 500,
+            schedule: None,
         }
+    }
+}
+
+/// The HTTP API served beside the bridge by `syncbridge run`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiConfig {
+    /// Serve the API at all; off for bridges that need no control surface.
+    pub enabled: bool,
+    /// Address to listen on (`host:port`); loopback by default so nothing is exposed by
+    /// accident.
+    pub bind: String,
+    /// Bearer token every route but `/healthz` requires, when set.
+    pub token: Option<String>,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body_limit: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            bind: "127.0.0.1:5000".into(),
+            token: None,
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// The token is a secret: never print it.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("enabled", &self.enabled)
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("body_limit", &self.body_limit)
+            .finish()
     }
 }
 
@@ -68,6 +110,9 @@ pub struct Config {
     /// Where the bridge keeps its own state.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -85,6 +130,7 @@ impl Default for Config {
             },
             sync: SyncConfig::default(),
             data_dir: default_data_dir(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -94,13 +140,15 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("MODE", "sync.mode"),
     ("SWEEP_INTERVAL_SECS", "sync.sweep_interval_secs"),
     ("DATA_DIR", "data_dir"),
+    ("SCHEDULE", "sync.schedule"),
 ];
 
 impl Config {
     /// Loads the embedded default, then `file` if given, then `SYNCBRIDGE_*` variables.
     ///
     /// `SYNCBRIDGE_LOCAL_URI` sets `local.uri`, `SYNCBRIDGE_SYNC_BATCH_SIZE` sets
-    /// `sync.batch_size`, and so on; `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS` and
+    /// `sync.batch_size`, `SYNCBRIDGE_API_TOKEN` sets `api.token`, and so on;
+    /// `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS`, `SYNCBRIDGE_SCHEDULE` and
     /// `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
     pub fn load(file: Option<&Path>) -> Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -172,6 +220,28 @@ impl Config {
         }
         if self.sync.batch_size == 0 {
             bail!("sync.batch_size must be at least 1");
+        }
+        if let Some(expr) = &self.sync.schedule {
+            crate::engine::scheduler::parse(expr)?;
+        }
+        if self.api.enabled {
+            if self.api.bind.parse::<std::net::SocketAddr>().is_err() {
+                bail!(
+                    "api.bind {:?} is not an address: use host:port, e.g. 127.0.0.1:5000",
+                    self.api.bind
+                );
+            }
+            if self
+                .api
+                .token
+                .as_deref()
+                .is_some_and(|t| t.trim().is_empty())
+            {
+                bail!("api.token is empty: set a secret or remove it to run without auth");
+            }
+            if self.api.body_limit == 0 {
+                bail!("api.body_limit must be at least 1 byte");
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 pub mod echo;
 pub mod pipeline;
 pub mod policy;
+pub mod scheduler;
 pub mod state;
 pub mod stats;
 pub mod sweep;
