@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 . scripts/stores.sh
 start_stores
 cargo test --locked "$@"
+bash scripts/api-fuzz.sh

@@ -89,6 +89,7 @@ impl ApiState {
         records::list_records, records::get_record, records::put_record, records::delete_record,
         sync::post_sync, sync::get_sync, sync::status, sync::healthz, sync::metrics, openapi_json,
     ),
+    components(schemas(records::ApiVersion, sync::SyncModeName)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

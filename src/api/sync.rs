@@ -48,6 +48,24 @@ impl From<SyncMode> for Mode {
     }
 }
 
+/// The modes `GET /api/sync/{mode}` takes, for the OpenAPI document.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "kebab-case")]
+pub enum SyncModeName {
+    /// Both ways.
+    Both,
+    /// Same as `both`.
+    BothWays,
+    /// Local changes to cloud.
+    LocalToCloud,
+    /// Cloud changes to local.
+    CloudToLocal,
+    /// Local becomes a copy of cloud.
+    OverwriteLocal,
+    /// Cloud becomes a copy of local.
+    OverwriteCloud,
+}
+
 /// Body of `POST /api/sync`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SyncRequest {
@@ -251,7 +269,7 @@ pub async fn post_sync(
 
 /// Runs one full reconciliation pass now (`both-ways` means `both`).
 #[utoipa::path(get, path = "/api/sync/{mode}", tag = "sync",
-    params(("mode" = String, Path, description = "both, both-ways, local-to-cloud, cloud-to-local, overwrite-local or overwrite-cloud")),
+    params(("mode" = SyncModeName, Path, description = "both, both-ways, local-to-cloud, cloud-to-local, overwrite-local or overwrite-cloud")),
     responses(
         (status = 200, description = "The pass ran; its summary", body = SyncResult),
         (status = 400, description = "Unknown mode", body = ErrorBody),
