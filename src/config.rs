@@ -289,6 +289,37 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
+    fn the_api_and_schedule_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.api.bind, "127.0.0.1:5000");
+            assert_eq!(c.api.body_limit, 1024 * 1024);
+            assert!(c.api.token.is_none() && c.sync.schedule.is_none());
+            jail.set_env("SYNCBRIDGE_API_BIND", "127.0.0.1:6001");
+            jail.set_env("SYNCBRIDGE_API_TOKEN", "hunter2");
+            jail.set_env("SYNCBRIDGE_API_BODY_LIMIT", "2048");
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "*/5 * * * *");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.api.bind, "127.0.0.1:6001");
+            assert_eq!(c.api.token.as_deref(), Some("hunter2"));
+            assert!(
+                !format!("{c:?}").contains("hunter2"),
+                "the token never prints"
+            );
+            assert_eq!(c.api.body_limit, 2048);
+            assert_eq!(c.sync.schedule.as_deref(), Some("*/5 * * * *"));
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "every five minutes");
+            let err = format!("{:#}", Config::load(None).unwrap_err());
+            assert!(err.contains("not a valid cron expression"), "{err}");
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "*/5 * * * *");
+            jail.set_env("SYNCBRIDGE_API_BIND", "localhost");
+            assert!(format!("{:#}", Config::load(None).unwrap_err()).contains("api.bind"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn bad_settings_are_refused_with_the_reason() {
         let mut c = Config::default();
         c.sync.collections = vec!["drop table;".into()];
