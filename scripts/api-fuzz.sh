@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Property-based fuzzing of the HTTP API from its own OpenAPI document: starts the release
-# candidate binary (debug build) on the embedded default config (two SQLite files) in a temp
+# Property-based fuzzing of the HTTP API from its own OpenAPI document: starts the binary
+# (debug build) on the embedded default config (two SQLite files) in a temp
 # dir on a free port, runs schemathesis against /openapi.json (no 5xx; every response matches
 # the documented schema), then stops the bridge.
 set -euo pipefail
@@ -24,10 +24,10 @@ for _ in $(seq 100); do
   kill -0 "$BRIDGE_PID" 2>/dev/null || { cat "$WORK/bridge.log" >&2; exit 1; }
   sleep 0.1
 done
-# Fuzz data writes records; a few hundred cases per operation keep the run to about a minute.
-schemathesis run "http://127.0.0.1:$PORT/openapi.json" \
+# Run from the temp dir: schemathesis keeps its cache in the working directory.
+(cd "$WORK" && schemathesis run "http://127.0.0.1:$PORT/openapi.json" \
   --checks not_a_server_error,response_schema_conformance \
   --max-examples "${API_FUZZ_EXAMPLES:-50}" \
   --seed "${API_FUZZ_SEED:-1}" \
-  --no-color "$@"
+  --no-color "$@")
 kill -0 "$BRIDGE_PID" || { echo "the bridge died during fuzzing" >&2; cat "$WORK/bridge.log" >&2; exit 1; }
