@@ -113,7 +113,9 @@ impl ApiBridge {
     }
 }
 
-/// A Redis store on its own database, for the test that uses the fixed `customers` name.
+/// A Redis store on a database of its own (emptied first), one per test: these tests write
+/// thousands of keys, which must not slow other suites' scans of the shared database 0, and
+/// one of them uses the fixed `customers` name.
 fn redis_db(db: u32) -> TestStore {
     let mut s = TestStore::new(Kind::Redis);
     s.uri = format!("{}/{db}", s.uri.trim_end_matches('/'));
@@ -393,7 +395,7 @@ async fn each_sync_mode_repairs_prepared_differences_its_way() {
     ];
     for (mode, post, want_local, want_cloud, counts) in cases {
         let local = TestStore::new(Kind::Sqlite);
-        let cloud = TestStore::new(Kind::Redis);
+        let cloud = redis_db(38);
         let c = collection("mode");
         let dir = data_dir();
         // No listeners here: the differences must wait for the pass.
@@ -440,7 +442,7 @@ async fn each_sync_mode_repairs_prepared_differences_its_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_pass_while_one_runs_gets_409_with_the_running_id() {
     let local = TestStore::new(Kind::Sqlite);
-    let cloud = TestStore::new(Kind::Redis);
+    let cloud = redis_db(39);
     let c = collection("busy");
     let dir = data_dir();
     let mut cfg = config(&local, &cloud, &[&c], Mode::Both, dir.path());
@@ -514,7 +516,7 @@ fn metric(text: &str, line_start: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_metrics_follow_what_the_bridge_does() {
     let local = TestStore::new(Kind::Sqlite);
-    let cloud = TestStore::new(Kind::Redis);
+    let cloud = redis_db(40);
     let c = collection("status");
     let dir = data_dir();
     let mut cfg = config(&local, &cloud, &[&c], Mode::Both, dir.path());
@@ -588,7 +590,7 @@ async fn status_and_metrics_follow_what_the_bridge_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_every_route_but_healthz_needs_it() {
     let local = TestStore::new(Kind::Sqlite);
-    let cloud = TestStore::new(Kind::Redis);
+    let cloud = redis_db(41);
     let c = collection("auth");
     let dir = data_dir();
     let mut cfg = config(&local, &cloud, &[&c], Mode::Both, dir.path());
@@ -646,7 +648,7 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_4xx_json_error_and_writes_nothing() {
     let local = TestStore::new(Kind::Sqlite);
-    let cloud = TestStore::new(Kind::Redis);
+    let cloud = redis_db(42);
     let c = collection("bad");
     let dir = data_dir();
     let mut cfg = config(&local, &cloud, &[&c], Mode::Both, dir.path());
