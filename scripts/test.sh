@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The test command: starts its own Redis and PostgreSQL on free loopback ports, runs the whole
-# suite against them, stops them. MongoDB tests run too when MONGODB_URI names a replica set.
+# suite against them, fuzzes the HTTP API with schemathesis (scripts/api-fuzz.sh), stops them.
 # The fault test runs last with its output shown: it prints its seeds and counts.
 # MongoDB cannot be started here; the MongoDB tests run when MONGODB_URI (inherited from the
 # environment) names a replica set, e.g. the compose file's: `docker compose up -d mongo`, then
 # MONGODB_URI='mongodb://127.0.0.1:27017/synctest?replicaSet=rs0&directConnection=true'.
-# Without it they print one "SKIPPED: ..." line and test nothing.
+# Without it cargo lists them as ignored and this script prints one "SKIPPED: ..." line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/stores.sh
@@ -14,4 +14,5 @@ if [ -z "${MONGODB_URI:-}" ]; then
   echo "SKIPPED: the MongoDB integration tests (conformance, MongoDB<->Redis bridge, type round trips) need MONGODB_URI naming a replica set; cargo lists them as ignored" >&2
 fi
 cargo test --locked "$@" -- --skip under_faults
+bash scripts/api-fuzz.sh
 cargo test --locked --test faults "$@" -- --nocapture

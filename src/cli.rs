@@ -1,10 +1,13 @@
-//! The command line: `run` (the always-on bridge), `sync` (one pass, then exit), `check`.
+//! The command line: `run` (the always-on bridge and its HTTP API), `sync` (one pass, then
+//! exit), `check`, `status` (asks a running bridge's API).
 
+use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::engine::policy::Mode;
+use crate::engine::scheduler::{Passes, Schedule};
 use crate::engine::{Engine, pipeline};
 use crate::record::Side;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -66,6 +69,14 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the status of a running bridge (its `GET /api/sync/status`).
+    Status {
+        /// The bridge's API; default `http://` + `api.bind` from the config.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// What to do with the retry queue.
@@ -93,6 +104,7 @@ pub enum FailedAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    crate::stores::install_tls_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -124,12 +136,11 @@ fn init_logging(format: LogFormat) {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(c) => {
-            let config = Config::load(c.config.as_deref())?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(stop_on_signal(shutdown.clone()));
-            if let Some(engine) = pipeline::open_when_ready(config, &shutdown).await? {
-                pipeline::run(Arc::new(engine), shutdown).await?;
-            }
+            run(Config::load(c.config.as_deref())?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { url, config } => {
+            status(Config::load(config.config.as_deref())?, url).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { mode, config } => {
@@ -282,6 +293,105 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 fn retry_policy(config: &Config) -> crate::engine::queue::RetryPolicy {
     crate::engine::queue::RetryPolicy::from_config(&config.sync)
+}
+
+/// Runs the pipeline, the HTTP API and the cron schedule until a signal; if one of them fails
+/// the others are stopped too.
+async fn run(config: Config) -> Result<()> {
+    let api_config = config.api.clone();
+    let schedule = config
+        .sync
+        .schedule
+        .as_deref()
+        .map(Schedule::new)
+        .transpose()?
+        .map(Arc::new);
+    // Bind before anything else starts, so a taken port fails fast and says so.
+    let listener = if api_config.enabled {
+        Some(api::bind(&api_config.bind).await?)
+    } else {
+        None
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    // Waits for stores that are not up yet; the tables exist before the first API request.
+    let Some(engine) = pipeline::open_when_ready(config, &shutdown).await? else {
+        return Ok(());
+    };
+    let engine = Arc::new(engine);
+    let passes = Arc::new(Passes::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = listener {
+        let state = ApiState::open(
+            engine.clone(),
+            passes.clone(),
+            schedule.clone(),
+            &api_config,
+        )
+        .await?;
+        tasks.spawn(api::serve(listener, api::router(state), shutdown.clone()));
+    }
+    if let Some(schedule) = schedule {
+        let (engine, passes, shutdown) = (engine.clone(), passes.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            schedule.run(engine, passes, shutdown).await;
+            Ok(())
+        });
+    }
+    tasks.spawn(pipeline::run(engine, shutdown.clone()));
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = outcome {
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        } else if !shutdown.is_cancelled() {
+            // The pipeline returned on its own; stop the API and schedule with it.
+            shutdown.cancel();
+        }
+    }
+    result
+}
+
+/// Asks a running bridge for its status and prints it (pretty JSON).
+async fn status(config: Config, url: Option<String>) -> Result<()> {
+    let base = match url {
+        Some(u) => u,
+        None => {
+            let bind = config
+                .api
+                .bind
+                .replace("0.0.0.0", "127.0.0.1")
+                .replace("[::]", "[::1]");
+            format!("http://{bind}")
+        }
+    };
+    let endpoint = format!("{}/api/sync/status", base.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(15))
+        .build()
+        .context("cannot build the HTTP client")?;
+    let mut req = client.get(&endpoint);
+    if let Some(token) = &config.api.token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.with_context(|| {
+        format!("cannot reach the bridge at {endpoint}: is `syncbridge run` running there?")
+    })?;
+    let code = resp.status();
+    let body = resp
+        .text()
+        .await
+        .context("cannot read the bridge's reply")?;
+    if !code.is_success() {
+        bail!("{endpoint} answered {code}: {body}");
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{endpoint} did not answer JSON"))?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

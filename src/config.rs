@@ -50,6 +50,9 @@ pub struct SyncConfig {
     /// Documents larger than this (canonical JSON bytes) are not synced: dead-lettered with the
     /// reason. 16 MiB is MongoDB's limit, the smallest of the supported stores.
     pub max_doc_bytes: usize,
+    /// Cron expression (5 fields, or 6 with seconds first) for scheduled full reconciliation
+    /// passes, on top of the sweeps; `None` runs none. Checked at start-up.
+    pub schedule: Option<String>,
 }
 
 impl Default for SyncConfig {
@@ -68,6 +71,7 @@ impl Default for SyncConfig {
             retry_max_secs: 60,
             max_doc_bytes: 16 * 1024 * 1024,
             conflict_retention_days: 30,
+            schedule: None,
         }
     }
 }
@@ -86,6 +90,44 @@ pub struct CollectionConfig {
     pub merge_prefer: MergePrefer,
 }
 
+/// The HTTP API served beside the bridge by `syncbridge run`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiConfig {
+    /// Serve the API at all; off for bridges that need no control surface.
+    pub enabled: bool,
+    /// Address to listen on (`host:port`); loopback by default so nothing is exposed by
+    /// accident.
+    pub bind: String,
+    /// Bearer token every route but `/healthz` requires, when set.
+    pub token: Option<String>,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body_limit: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            bind: "127.0.0.1:5000".into(),
+            token: None,
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// The token is a secret: never print it.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("enabled", &self.enabled)
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("body_limit", &self.body_limit)
+            .finish()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -102,6 +144,9 @@ pub struct Config {
     /// Per-collection settings; their names join `sync.collections`.
     #[serde(default)]
     pub collections: Vec<CollectionConfig>,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -120,6 +165,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             data_dir: default_data_dir(),
             collections: Vec::new(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -129,13 +175,15 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("MODE", "sync.mode"),
     ("SWEEP_INTERVAL_SECS", "sync.sweep_interval_secs"),
     ("DATA_DIR", "data_dir"),
+    ("SCHEDULE", "sync.schedule"),
 ];
 
 impl Config {
     /// Loads the embedded default, then `file` if given, then `SYNCBRIDGE_*` variables.
     ///
     /// `SYNCBRIDGE_LOCAL_URI` sets `local.uri`, `SYNCBRIDGE_SYNC_BATCH_SIZE` sets
-    /// `sync.batch_size`, and so on; `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS` and
+    /// `sync.batch_size`, `SYNCBRIDGE_API_TOKEN` sets `api.token`, and so on;
+    /// `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS`, `SYNCBRIDGE_SCHEDULE` and
     /// `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
     pub fn load(file: Option<&Path>) -> Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -225,6 +273,28 @@ impl Config {
         if self.sync.batch_size == 0 {
             bail!("sync.batch_size must be at least 1");
         }
+        if let Some(expr) = &self.sync.schedule {
+            crate::engine::scheduler::parse(expr)?;
+        }
+        if self.api.enabled {
+            if self.api.bind.parse::<std::net::SocketAddr>().is_err() {
+                bail!(
+                    "api.bind {:?} is not an address: use host:port, e.g. 127.0.0.1:5000",
+                    self.api.bind
+                );
+            }
+            if self
+                .api
+                .token
+                .as_deref()
+                .is_some_and(|t| t.trim().is_empty())
+            {
+                bail!("api.token is empty: set a secret or remove it to run without auth");
+            }
+            if self.api.body_limit == 0 {
+                bail!("api.body_limit must be at least 1 byte");
+            }
+        }
         Ok(())
     }
 }
@@ -285,6 +355,37 @@ mod tests {
         assert_eq!(c.rules("notes").conflict, ConflictPolicy::Merge);
         assert_eq!(c.rules("notes").merge_prefer, MergePrefer::Cloud);
         assert_eq!(c.rules("a"), Rules::default());
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
+    fn the_api_and_schedule_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.api.bind, "127.0.0.1:5000");
+            assert_eq!(c.api.body_limit, 1024 * 1024);
+            assert!(c.api.token.is_none() && c.sync.schedule.is_none());
+            jail.set_env("SYNCBRIDGE_API_BIND", "127.0.0.1:6001");
+            jail.set_env("SYNCBRIDGE_API_TOKEN", "hunter2");
+            jail.set_env("SYNCBRIDGE_API_BODY_LIMIT", "2048");
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "*/5 * * * *");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.api.bind, "127.0.0.1:6001");
+            assert_eq!(c.api.token.as_deref(), Some("hunter2"));
+            assert!(
+                !format!("{c:?}").contains("hunter2"),
+                "the token never prints"
+            );
+            assert_eq!(c.api.body_limit, 2048);
+            assert_eq!(c.sync.schedule.as_deref(), Some("*/5 * * * *"));
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "every five minutes");
+            let err = format!("{:#}", Config::load(None).unwrap_err());
+            assert!(err.contains("not a valid cron expression"), "{err}");
+            jail.set_env("SYNCBRIDGE_SCHEDULE", "*/5 * * * *");
+            jail.set_env("SYNCBRIDGE_API_BIND", "localhost");
+            assert!(format!("{:#}", Config::load(None).unwrap_err()).contains("api.bind"));
+            Ok(())
+        });
     }
 
     #[test]

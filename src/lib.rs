@@ -2,8 +2,10 @@
 //!
 //! Layout: [`record`] is the one change record every connector speaks; [`stores`] holds one
 //! connector per kind of store behind one trait; [`engine`] decides and applies (pipeline,
-//! echo filter, conflict policy, sweep); [`config`] and [`cli`] are the surfaces.
+//! echo filter, conflict policy, sweep, schedule); [`config`], [`cli`] and the HTTP [`api`]
+//! are the surfaces.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;

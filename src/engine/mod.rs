@@ -12,6 +12,7 @@ pub mod merge;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;
+pub mod scheduler;
 pub mod state;
 pub mod stats;
 pub mod sweep;

@@ -199,6 +199,7 @@ pub fn is_fatal(e: &anyhow::Error) -> bool {
 
 /// Opens the store a URI names.
 pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
+    install_tls_provider();
     let scheme = uri.split("://").next().unwrap_or_default();
     match scheme {
         "redis" | "rediss" => Ok(Arc::new(redis::RedisStore::connect(uri).await?)),
@@ -212,6 +213,16 @@ pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
         ))
         .into()),
     }
+}
+
+/// Picks rustls' crypto provider once for the process. Several drivers bring rustls with
+/// different providers (ring, aws-lc-rs); with more than one compiled in, rustls refuses to guess
+/// and a `rediss://` connection would panic instead of connecting.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Removes the password from a URI (`scheme://user:secret@host` → `scheme://user:***@host`),
