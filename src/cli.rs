@@ -61,6 +61,14 @@ pub enum Command {
     },
     /// Connect to both stores and report what was found.
     Check(ConfigArg),
+    /// Conflicts: list parked (or decided) ones, show one, resolve one.
+    Conflicts {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConflictAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Records that could not be synced: list them, retry or discard them.
     Failed {
         /// What to do.
@@ -76,6 +84,33 @@ pub enum Command {
         url: Option<String>,
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+/// What to do with conflicts.
+#[derive(Subcommand, Debug)]
+pub enum ConflictAction {
+    /// List parked conflicts (or decided ones, with --resolved).
+    List {
+        /// Decided conflicts with their losing versions (the audit) instead of parked ones.
+        #[arg(long)]
+        resolved: bool,
+    },
+    /// Show one conflict with both versions and the base.
+    Show {
+        /// Conflict id.
+        id: i64,
+    },
+    /// Resolve a parked conflict: keep one side's version, or write a document to both.
+    Resolve {
+        /// Conflict id.
+        id: i64,
+        /// Keep this side's version: local or cloud.
+        #[arg(long, conflicts_with = "doc")]
+        take: Option<Side>,
+        /// Write this JSON document to both sides.
+        #[arg(long)]
+        doc: Option<String>,
     },
 }
 
@@ -189,6 +224,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Conflicts { action, config } => {
+            let config = Config::load(config.config.as_deref())?;
+            conflicts(config, action).await
         }
         Command::Failed { action, config } => {
             // The queue lives in the data directory: no store connection is needed.
@@ -392,6 +431,70 @@ async fn status(config: Config, url: Option<String>) -> Result<()> {
         serde_json::from_str(&body).with_context(|| format!("{endpoint} did not answer JSON"))?;
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
+}
+
+/// `syncbridge conflicts ...`: reads the log in the data directory; resolving also connects to
+/// both stores (conditional writes make that safe beside a running bridge).
+async fn conflicts(config: Config, action: ConflictAction) -> Result<ExitCode> {
+    use crate::engine::conflicts::{ConflictLog, Resolution};
+    let print = |e: &crate::engine::conflicts::ConflictEntry| -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(e)?);
+        Ok(())
+    };
+    match action {
+        ConflictAction::List { resolved } => {
+            let state = crate::engine::state::StateDb::open(&config.data_dir).await?;
+            let entries = ConflictLog::open(state.pool())
+                .await?
+                .list(resolved, 1000)
+                .await?;
+            if entries.is_empty() {
+                println!(
+                    "{}",
+                    if resolved {
+                        "no decided conflicts in the log"
+                    } else {
+                        "no parked conflicts"
+                    }
+                );
+            }
+            for e in entries {
+                println!(
+                    "{}  {}/{}  {}  {}{}",
+                    e.id,
+                    e.collection,
+                    e.record_id,
+                    e.policy,
+                    e.status,
+                    e.winner.map(|w| format!(" ({w} won)")).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictAction::Show { id } => {
+            let state = crate::engine::state::StateDb::open(&config.data_dir).await?;
+            match ConflictLog::open(state.pool()).await?.get(id).await? {
+                Some(e) => {
+                    print(&e)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => bail!("no conflict {id}"),
+            }
+        }
+        ConflictAction::Resolve { id, take, doc } => {
+            let how = match (take, doc) {
+                (Some(side), None) => Resolution::Take(side),
+                (None, Some(text)) => {
+                    Resolution::Doc(serde_json::from_str(&text).context("--doc is not valid JSON")?)
+                }
+                _ => bail!("give --take local|cloud or --doc JSON"),
+            };
+            let engine = Engine::open(config).await?;
+            let e = engine.resolve_conflict(id, how).await?;
+            print(&e)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

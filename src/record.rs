@@ -47,6 +47,17 @@ impl Side {
     }
 }
 
+impl std::str::FromStr for Side {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Side, String> {
+        match s {
+            "local" => Ok(Side::Local),
+            "cloud" => Ok(Side::Cloud),
+            other => Err(format!("{other:?} is not a side: use local or cloud")),
+        }
+    }
+}
+
 impl fmt::Display for Side {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -6,6 +6,7 @@
 //! written to one store appearing in the other. It stops on the same cancellation token as the
 //! pipeline, finishing the requests in flight.
 
+pub mod conflicts;
 pub mod error;
 pub mod records;
 pub mod sync;
@@ -21,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use error::ApiError;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -88,6 +89,8 @@ impl ApiState {
         records::delete_customer, records::list_customers, records::create_record,
         records::list_records, records::get_record, records::put_record, records::delete_record,
         sync::post_sync, sync::get_sync, sync::status, sync::healthz, sync::metrics, openapi_json,
+        conflicts::list_failed, conflicts::retry_failed, conflicts::discard_failed,
+        conflicts::list_conflicts, conflicts::get_conflict, conflicts::resolve_conflict,
     ),
     components(schemas(records::ApiVersion, sync::SyncModeName)),
     modifiers(&BearerAuth),
@@ -180,6 +183,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/sync", post(sync::post_sync))
         .route("/api/sync/status", get(sync::status))
         .route("/api/sync/{mode}", get(sync::get_sync))
+        .route("/api/sync/failed", get(conflicts::list_failed))
+        .route(
+            "/api/sync/failed/{collection}/{id}",
+            delete(conflicts::discard_failed),
+        )
+        .route(
+            "/api/sync/failed/{collection}/{id}/retry",
+            post(conflicts::retry_failed),
+        )
+        .route("/api/conflicts", get(conflicts::list_conflicts))
+        .route("/api/conflicts/{id}", get(conflicts::get_conflict))
+        .route(
+            "/api/conflicts/{id}/resolve",
+            post(conflicts::resolve_conflict),
+        )
         .route("/metrics", get(sync::metrics))
         .route("/openapi.json", get(openapi_json))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

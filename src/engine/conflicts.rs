@@ -232,3 +232,142 @@ impl ConflictLog {
         )
     }
 }
+
+/// How a person settles a parked conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Keep what this side holds now (a deletion included) and copy it to the other.
+    Take(crate::record::Side),
+    /// Write this document to both sides.
+    Doc(Value),
+}
+
+/// Why a resolution did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// No conflict has that id.
+    #[error("no conflict {0}")]
+    NotFound(i64),
+    /// It was resolved already.
+    #[error("conflict {0} is already resolved")]
+    AlreadyResolved(i64),
+    /// The document given is not a JSON object.
+    #[error("the document must be a JSON object")]
+    NotAnObject,
+    /// A store changed the record during the resolution; nothing was recorded. Try again.
+    #[error("the record changed while the conflict was being resolved; try again")]
+    Changed,
+    /// A store failed.
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+impl super::Engine {
+    /// Resolves parked conflict `id`: writes the chosen state to both stores (as a new version,
+    /// newer than both sides), records it as agreed, and keeps the overwritten version(s) in the
+    /// log. Conditional writes make it safe while the bridge runs, in this process or another.
+    pub async fn resolve_conflict(
+        &self,
+        id: i64,
+        how: Resolution,
+    ) -> Result<ConflictEntry, ResolveError> {
+        use super::policy::Target;
+        use crate::record::{Side, Version, now_ms, with_updated_at};
+        use crate::stores::{ApplyOutcome, Slot, Write};
+
+        let entry = self
+            .conflicts
+            .get(id)
+            .await?
+            .ok_or(ResolveError::NotFound(id))?;
+        if entry.status != "parked" {
+            return Err(ResolveError::AlreadyResolved(id));
+        }
+        if matches!(&how, Resolution::Doc(d) if !d.is_object()) {
+            return Err(ResolveError::NotAnObject);
+        }
+        let _guard = self.reconcile_lock.lock().await;
+        let (collection, rid) = (
+            entry.collection.as_str(),
+            std::slice::from_ref(&entry.record_id),
+        );
+        let (local, cloud) = tokio::try_join!(
+            self.store(Side::Local).read(collection, rid),
+            self.store(Side::Cloud).read(collection, rid)
+        )?;
+        let slots = [
+            local.into_iter().next().unwrap_or(Slot::Absent),
+            cloud.into_iter().next().unwrap_or(Slot::Absent),
+        ];
+        let time_of = |s: &Slot| match s {
+            Slot::Present(r) => r.updated_at_ms.unwrap_or(0),
+            _ => 0,
+        };
+        let at = now_ms().max(time_of(&slots[0]).max(time_of(&slots[1])) + 1);
+        let doc_of = |s: &Slot| match s {
+            Slot::Present(r) => Some(r.doc.clone()),
+            _ => None,
+        };
+        let chosen = match &how {
+            Resolution::Take(side) => doc_of(&slots[super::side_idx(*side)]),
+            Resolution::Doc(d) => Some(d.clone()),
+        };
+        let target = match chosen {
+            Some(doc) => {
+                let doc = with_updated_at(doc, at);
+                Target::Live {
+                    version: Version::of_doc(at, &doc),
+                    doc,
+                }
+            }
+            None => Target::Deleted(Version::tombstone(at)),
+        };
+        let mut outcomes = Vec::new();
+        for side in [Side::Local, Side::Cloud] {
+            let slot = &slots[super::side_idx(side)];
+            let expected = match slot {
+                Slot::Present(r) => Some(r.etag.clone()),
+                _ => None,
+            };
+            let write = Write {
+                record: super::record_for(
+                    side,
+                    collection,
+                    &entry.record_id,
+                    &target,
+                    &self.instance_id,
+                ),
+                expected,
+            };
+            outcomes.push(self.store(side).apply(collection, &[write]).await?);
+        }
+        if outcomes
+            .iter()
+            .flatten()
+            .any(|o| *o != ApplyOutcome::Applied && *o != ApplyOutcome::Unchanged)
+        {
+            return Err(ResolveError::Changed);
+        }
+        self.state
+            .set_agreed(
+                collection,
+                &[(entry.record_id.clone(), target.version().clone())],
+            )
+            .await?;
+        let (winner, loser) = match &how {
+            Resolution::Take(side) => {
+                (side.as_str(), doc_of(&slots[super::side_idx(side.other())]))
+            }
+            Resolution::Doc(_) => ("doc", None),
+        };
+        self.conflicts
+            .mark_resolved(id, winner, loser.as_ref())
+            .await?;
+        self.stats
+            .conflict_outcome("manual", &format!("resolved-{winner}"));
+        self.conflicts
+            .get(id)
+            .await?
+            .ok_or(ResolveError::NotFound(id))
+    }
+}

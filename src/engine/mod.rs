@@ -312,6 +312,11 @@ impl Engine {
         Ok(due.len())
     }
 
+    /// Notes that the queue has entries (an operator put one back), so the pipeline looks.
+    pub fn note_queued(&self) {
+        self.queue_in_use.store(true, Ordering::Relaxed);
+    }
+
     /// Of these ids, the ones waiting in the retry queue (their changes must queue behind them).
     pub async fn queued(&self, collection: &str, ids: &[String]) -> Result<Vec<String>> {
         if !self.queue_in_use.load(Ordering::Relaxed) {
@@ -680,7 +685,7 @@ fn doc_of(state: &SideState) -> Option<Value> {
     }
 }
 
-fn side_idx(side: Side) -> usize {
+pub(crate) fn side_idx(side: Side) -> usize {
     match side {
         Side::Local => 0,
         Side::Cloud => 1,
@@ -697,7 +702,7 @@ fn count_write(summary: &mut Summary, side: Side, op: Op) {
 }
 
 /// The change record that puts `target` on `side`.
-fn record_for(
+pub(crate) fn record_for(
     side: Side,
     collection: &str,
     id: &str,
