@@ -53,11 +53,17 @@ pub enum Command {
         /// both, local-to-cloud, cloud-to-local, overwrite-local or overwrite-cloud.
         #[arg(long, default_value = "both")]
         mode: Mode,
+        /// Only what changed since the last pass (the bridge's periodic sweep); used by
+        /// `syncbridge bench` to time one pass.
+        #[arg(long, hide = true)]
+        incremental: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Connect to both stores and report what was found.
     Check(ConfigArg),
+    /// Measure latency, throughput, catch-up, sweep cost and memory on a store pair.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Entry point of the binary.
@@ -102,7 +108,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             pipeline::run(engine, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { mode, config } => {
+        Command::Sync {
+            mode,
+            incremental,
+            config,
+        } => {
             let engine = Engine::open(Config::load(config.config.as_deref())?).await?;
             engine.prepare().await?;
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -113,7 +123,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 );
                 bar
             });
-            let report = engine.sweep(mode, true, bar.as_ref()).await?;
+            let report = engine.sweep(mode, !incremental, bar.as_ref()).await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -148,6 +158,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench(args) => {
+            crate::bench::main(args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check(c) => {
             let config = Config::load(c.config.as_deref())?;

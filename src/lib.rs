@@ -4,6 +4,7 @@
 //! connector per kind of store behind one trait; [`engine`] decides and applies (pipeline,
 //! echo filter, conflict policy, sweep); [`config`] and [`cli`] are the surfaces.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

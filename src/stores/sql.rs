@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 
 /// The change-log table the triggers fill.
 pub const CHANGE_LOG: &str = "_syncbridge_changes";
-/// The NOTIFY channel PostgreSQL triggers signal.
-const NOTIFY_CHANNEL: &str = "syncbridge_changes";
+/// The NOTIFY channel PostgreSQL triggers signal (the bench listens to it too).
+pub const NOTIFY_CHANNEL: &str = "syncbridge_changes";
 /// How often SQLite's change log is polled (it has no notifications across processes).
 const SQLITE_POLL: Duration = Duration::from_millis(25);
 /// PostgreSQL listeners poll this often too, in case a notification was missed.
