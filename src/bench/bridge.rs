@@ -169,6 +169,12 @@ impl Bridge {
         self.child.id().and_then(peak_rss_mb).unwrap_or(0.0)
     }
 
+    /// CPU time (user + system) the bridge has used so far, in seconds: a figure that holds
+    /// when other work shares the machine, unlike wall-clock rates.
+    pub fn cpu_s(&self) -> f64 {
+        self.child.id().and_then(cpu_s).unwrap_or(0.0)
+    }
+
     /// Fails if the bridge has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -196,6 +202,16 @@ impl Bridge {
         }
         Ok(peak)
     }
+}
+
+/// utime + stime of a process from `/proc/<pid>/stat`, in seconds (USER_HZ = 100 on Linux).
+fn cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// VmHWM of a process, in MB.

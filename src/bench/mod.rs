@@ -268,6 +268,7 @@ impl Bench {
                 Duration::from_secs(10),
             )
             .await?;
+            let lat_cpu = b.cpu_s();
             let lat_rss = b.stop().await?;
             self.drop_collection(&collection).await?;
             let (p50, p99) = (lat.p50_ms, lat.p99_ms);
@@ -277,7 +278,7 @@ impl Bench {
                 json!({
                     "measure": "latency", "mode": "listeners", "rate_per_s": self.plan.rate,
                     "secs": self.plan.latency_secs, "startup_s": startup_s,
-                    "rss_mb": lat_rss, "stats": lat,
+                    "rss_mb": lat_rss, "bridge_cpu_s": lat_cpu, "stats": lat,
                     "result": format!("p50 {p50:.2} ms, p95 {:.2} ms, p99 {p99:.2} ms, max {:.1} ms ({} of {} seen)",
                         lat.p95_ms, lat.max_ms, lat.seen, lat.writes),
                     "goal": goal, "met": met,
@@ -296,6 +297,7 @@ impl Bench {
             );
             let (written, seen) = (written?, seen?);
             let total_s = seen.duration_since(clock).as_secs_f64();
+            let cpu_s = b.cpu_s();
             rss = rss.max(b.stop().await?);
             self.drop_collection(&collection).await?;
             let per_s = rows.len() as f64 / total_s;
@@ -304,8 +306,9 @@ impl Bench {
                 json!({
                     "measure": "throughput", "records": rows.len(),
                     "write_s": written.as_secs_f64(), "total_s": total_s, "per_s": per_s,
-                    "result": format!("{per_s:.0} changes/s ({} in {total_s:.2} s; source writes took {:.2} s)",
-                        rows.len(), written.as_secs_f64()),
+                    "bridge_cpu_s": cpu_s, "bridge_cpu_us_per_change": cpu_s * 1e6 / rows.len() as f64,
+                    "result": format!("{per_s:.0} changes/s ({} in {total_s:.2} s; source writes took {:.2} s; bridge CPU {:.0} µs/change)",
+                        rows.len(), written.as_secs_f64(), cpu_s * 1e6 / rows.len() as f64),
                     "goal": "≥ 20,000 changes/s", "met": per_s >= 20_000.0,
                 }),
             ));
