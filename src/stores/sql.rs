@@ -34,8 +34,13 @@ use tracing::{debug, info, warn};
 pub const CHANGE_LOG: &str = "_syncbridge_changes";
 /// The NOTIFY channel PostgreSQL triggers signal (the bench listens to it too).
 pub const NOTIFY_CHANNEL: &str = "syncbridge_changes";
-/// How often SQLite's change log is polled (it has no notifications across processes).
+/// How often SQLite's change log is read at the latest (it has no notifications across
+/// processes).
 const SQLITE_POLL: Duration = Duration::from_millis(25);
+/// How often the SQLite listener asks `PRAGMA data_version` whether another connection
+/// committed. The check touches no table, so it can run far more often than a log read;
+/// the log is read as soon as it answers yes.
+const SQLITE_WAKE_CHECK: Duration = Duration::from_millis(2);
 /// PostgreSQL listeners poll this often too, in case a notification was missed.
 const PG_FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// How often rows left behind the read position (late commits, released batches) are re-read.
@@ -785,6 +790,14 @@ impl Store for SqlStore {
         } else {
             None
         };
+        // SQLite: one connection kept to watch data_version (it only moves on other
+        // connections' commits, so it must be the same connection every time).
+        let mut watch = if self.dialect == Dialect::Sqlite {
+            Some(self.pool.acquire().await?)
+        } else {
+            None
+        };
+        let mut data_version: i64 = -1;
         info!(side = %ctx.side, store = %redact_uri(&self.uri), "listening to the change log");
         // Start behind everything: whatever is still in the log was never settled.
         let mut position = 0i64;
@@ -831,10 +844,25 @@ impl Store for SqlStore {
                         }
                     }
                 },
-                None => tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(SQLITE_POLL) => {}
-                },
+                None => {
+                    let until = Instant::now() + SQLITE_POLL;
+                    while Instant::now() < until {
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(SQLITE_WAKE_CHECK) => {}
+                        }
+                        if let Some(conn) = watch.as_mut() {
+                            let v: i64 = sqlx::query("PRAGMA data_version")
+                                .fetch_one(&mut **conn)
+                                .await?
+                                .try_get(0)?;
+                            if v != data_version {
+                                data_version = v;
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
