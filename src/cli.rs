@@ -56,6 +56,10 @@ pub enum Command {
         /// both, local-to-cloud, cloud-to-local, overwrite-local or overwrite-cloud.
         #[arg(long, default_value = "both")]
         mode: Mode,
+        /// Only what changed since the last pass (the bridge's periodic sweep); used by
+        /// `syncbridge bench` to time one pass.
+        #[arg(long, hide = true)]
+        incremental: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -77,6 +81,8 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Measure latency, throughput, catch-up, sweep cost and memory on a store pair.
+    Bench(crate::bench::BenchArgs),
     /// Print the status of a running bridge (its `GET /api/sync/status`).
     Status {
         /// The bridge's API; default `http://` + `api.bind` from the config.
@@ -178,7 +184,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             status(Config::load(config.config.as_deref())?, url).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { mode, config } => {
+        Command::Sync {
+            mode,
+            incremental,
+            config,
+        } => {
             let engine = Engine::open(Config::load(config.config.as_deref())?).await?;
             engine.prepare().await?;
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -189,7 +199,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 );
                 bar
             });
-            let report = engine.sweep(mode, true, bar.as_ref()).await?;
+            let report = engine.sweep(mode, !incremental, bar.as_ref()).await?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -224,6 +234,10 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench(args) => {
+            crate::bench::main(args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Conflicts { action, config } => {
             let config = Config::load(config.config.as_deref())?;

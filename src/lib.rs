@@ -6,6 +6,7 @@
 //! are the surfaces.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

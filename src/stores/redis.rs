@@ -74,7 +74,7 @@ end
 return res
 "#;
 
-/// How long the listener waits for more notifications before handling a burst.
+/// How long after the first notification of a batch the listener collects more.
 const COALESCE_WINDOW: Duration = Duration::from_millis(2);
 /// At most this many keys are read and delivered in one batch.
 const MAX_BATCH: usize = 1000;
@@ -347,8 +347,13 @@ impl Store for RedisStore {
             };
             add(first.get_channel_name());
             let mut count = 1;
+            // The window is counted from the first notification, not renewed by each one:
+            // under a steady stream (one key a millisecond) a renewed window never closes and
+            // batches grew to MAX_BATCH, holding the first key back for up to a second.
+            // Notifications already waiting are still taken after the window ends.
+            let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
             while count < MAX_BATCH {
-                match tokio::time::timeout(COALESCE_WINDOW, stream.next()).await {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
                     Ok(Some(msg)) => {
                         add(msg.get_channel_name());
                         count += 1;

@@ -34,10 +34,15 @@ use tracing::{debug, info, warn};
 pub const CHANGE_LOG: &str = "_syncbridge_changes";
 /// SQLite rows whose UPDATE assigned updated_at, between the BEFORE and AFTER triggers.
 const TS_MARKS: &str = "_syncbridge_ts_marks";
-/// The NOTIFY channel PostgreSQL triggers signal.
-const NOTIFY_CHANNEL: &str = "syncbridge_changes";
-/// How often SQLite's change log is polled (it has no notifications across processes).
+/// The NOTIFY channel PostgreSQL triggers signal (the bench listens to it too).
+pub const NOTIFY_CHANNEL: &str = "syncbridge_changes";
+/// How often SQLite's change log is read at the latest (it has no notifications across
+/// processes).
 const SQLITE_POLL: Duration = Duration::from_millis(25);
+/// How often the SQLite listener asks `PRAGMA data_version` whether another connection
+/// committed. The check touches no table, so it can run far more often than a log read;
+/// the log is read as soon as it answers yes.
+const SQLITE_WAKE_CHECK: Duration = Duration::from_millis(2);
 /// PostgreSQL listeners poll this often too, in case a notification was missed.
 const PG_FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// How often rows left behind the read position (late commits, released batches) are re-read.
@@ -428,6 +433,134 @@ impl SqlStore {
         Ok(ctx.sink.send(batch).await.is_ok())
     }
 
+    /// Rows of a JSON array parameter (`[[a, b, ...], ...]`) as a subquery with columns
+    /// `c0..cN`: one statement carries a whole batch, in both dialects, through the `Any`
+    /// driver (which cannot bind arrays).
+    fn json_rows(self_dialect: Dialect, columns: usize) -> String {
+        let cols: Vec<String> = (0..columns)
+            .map(|i| match self_dialect {
+                Dialect::Postgres => format!("x->>{i} AS c{i}"),
+                Dialect::Sqlite => format!("json_extract(value, '$[{i}]') AS c{i}"),
+            })
+            .collect();
+        match self_dialect {
+            Dialect::Postgres => format!(
+                "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS x)",
+                cols.join(", ")
+            ),
+            Dialect::Sqlite => format!("(SELECT {} FROM json_each(?1))", cols.join(", ")),
+        }
+    }
+
+    /// Runs one batch statement over JSON rows, returning the ids it changed.
+    async fn batch_statement(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        sql: String,
+        rows: Vec<Value>,
+    ) -> Result<HashSet<String>> {
+        if rows.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let done = sqlx::query(AssertSqlSafe(sql))
+            .bind(Value::Array(rows).to_string())
+            .fetch_all(&mut **tx)
+            .await?;
+        done.into_iter()
+            .map(|r| Ok(r.try_get::<String, _>(0)?))
+            .collect()
+    }
+
+    /// Applies writes with distinct ids in a few multi-row statements (one for new records,
+    /// one for conditional updates; deletes, rare, go one by one), then classifies the writes
+    /// that did not apply from one read, exactly as [`Self::apply_one`] does.
+    async fn apply_batch(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        collection: &str,
+        writes: &[Write],
+    ) -> Result<Vec<ApplyOutcome>> {
+        let d = self.dialect;
+        let mut inserts = Vec::new();
+        let mut updates = Vec::new();
+        let mut outcomes: Vec<Option<ApplyOutcome>> = vec![None; writes.len()];
+        for (i, w) in writes.iter().enumerate() {
+            match (&w.record.doc, w.record.op, &w.expected) {
+                (Some(doc), Op::Upsert, None) => inserts.push(serde_json::json!([
+                    w.record.id,
+                    canonical_json(doc),
+                    format_ts(w.record.updated_at_ms)
+                ])),
+                (Some(doc), Op::Upsert, Some(etag)) => {
+                    let (e_ts, e_doc) = etag.split_once('\n').ok_or_else(|| {
+                        anyhow!("malformed etag for {collection}/{}", w.record.id)
+                    })?;
+                    updates.push(serde_json::json!([
+                        w.record.id,
+                        e_ts,
+                        e_doc,
+                        canonical_json(doc),
+                        format_ts(w.record.updated_at_ms)
+                    ]))
+                }
+                _ => outcomes[i] = Some(self.apply_one(tx, collection, w).await?),
+            }
+        }
+        let (doc_cast, ts_cast) = match d {
+            Dialect::Postgres => ("::jsonb", "::timestamptz"),
+            Dialect::Sqlite => ("", ""),
+        };
+        let insert_sql = format!(
+            "INSERT INTO \"{collection}\" (id, doc, updated_at) \
+             SELECT c0, c1{doc_cast}, c2{ts_cast} FROM {} AS u WHERE true \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            Self::json_rows(d, 3)
+        );
+        let t = format!("\"{collection}\"");
+        let (returning, cur_doc) = match d {
+            Dialect::Postgres => (format!("{t}.id"), format!("{t}.doc::text")),
+            Dialect::Sqlite => ("id".to_string(), format!("{t}.doc")),
+        };
+        let update_sql = format!(
+            "UPDATE {t} SET doc = u.c3{doc_cast}, updated_at = u.c4{ts_cast} FROM {} AS u \
+             WHERE {t}.id = u.c0 AND {} = u.c1 AND {cur_doc} = u.c2 RETURNING {returning}",
+            Self::json_rows(d, 5),
+            d.ts_text(&format!("{t}.updated_at")),
+        );
+        let mut applied = Self::batch_statement(tx, insert_sql, inserts).await?;
+        applied.extend(Self::batch_statement(tx, update_sql, updates).await?);
+        let unsure: Vec<String> = writes
+            .iter()
+            .zip(&outcomes)
+            .filter(|(w, o)| o.is_none() && !applied.contains(&w.record.id))
+            .map(|(w, _)| w.record.id.clone())
+            .collect();
+        let mut current: BTreeMap<String, Slot> = BTreeMap::new();
+        for chunk in unsure.chunks(500) {
+            let slots = self.read_with(&mut **tx, collection, chunk).await?;
+            current.extend(chunk.iter().cloned().zip(slots));
+        }
+        Ok(writes
+            .iter()
+            .zip(outcomes)
+            .map(|(w, o)| {
+                if let Some(o) = o {
+                    return o;
+                }
+                if applied.contains(&w.record.id) {
+                    return ApplyOutcome::Applied;
+                }
+                match (current.remove(&w.record.id), &w.record.doc) {
+                    (Some(Slot::Present(cur)), Some(doc))
+                        if canonical_hash(&cur.doc) == canonical_hash(doc) =>
+                    {
+                        ApplyOutcome::Unchanged
+                    }
+                    _ => ApplyOutcome::Conflict,
+                }
+            })
+            .collect())
+    }
+
     /// Applies one write inside the transaction, returning its outcome.
     async fn apply_one(
         &self,
@@ -604,10 +737,17 @@ impl Store for SqlStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let mut outcomes = Vec::with_capacity(writes.len());
-        for w in writes {
-            outcomes.push(self.apply_one(&mut tx, collection, w).await?);
-        }
+        let ids: HashSet<&str> = writes.iter().map(|w| w.record.id.as_str()).collect();
+        let outcomes = if ids.len() == writes.len() && writes.len() > 1 {
+            self.apply_batch(&mut tx, collection, writes).await?
+        } else {
+            // One write, or an id twice (order matters then): statement by statement.
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                outcomes.push(self.apply_one(&mut tx, collection, w).await?);
+            }
+            outcomes
+        };
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -677,6 +817,14 @@ impl Store for SqlStore {
         } else {
             None
         };
+        // SQLite: one connection kept to watch data_version (it only moves on other
+        // connections' commits, so it must be the same connection every time).
+        let mut watch = if self.dialect == Dialect::Sqlite {
+            Some(self.pool.acquire().await?)
+        } else {
+            None
+        };
+        let mut data_version: i64 = -1;
         info!(side = %ctx.side, store = %redact_uri(&self.uri), "listening to the change log");
         // Start behind everything: whatever is still in the log was never settled.
         let mut position = 0i64;
@@ -723,10 +871,25 @@ impl Store for SqlStore {
                         }
                     }
                 },
-                None => tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(SQLITE_POLL) => {}
-                },
+                None => {
+                    let until = Instant::now() + SQLITE_POLL;
+                    while Instant::now() < until {
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(SQLITE_WAKE_CHECK) => {}
+                        }
+                        if let Some(conn) = watch.as_mut() {
+                            let v: i64 = sqlx::query("PRAGMA data_version")
+                                .fetch_one(&mut **conn)
+                                .await?
+                                .try_get(0)?;
+                            if v != data_version {
+                                data_version = v;
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
