@@ -42,7 +42,7 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConfigArg {
     /// TOML config file; without one the embedded default (two SQLite files under data/) runs.
-    #[arg(long, short, env = "SYNCBRIDGE_CONFIG")]
+    #[arg(long, short, env = "SYNCBRIDGE_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 }
 

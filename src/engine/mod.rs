@@ -358,6 +358,29 @@ impl Engine {
             ConflictPolicy::Merge => self.state.agreed_docs(collection, ids).await?,
             _ => HashMap::new(),
         };
+        // Deletes a listener has not reported yet: ask the stores when they happened, so a sweep
+        // weighs them by their real time (a store without a change log cannot say).
+        let mut deleted_at = deleted_at.clone();
+        for (side, slots) in [(Side::Local, &local), (Side::Cloud, &cloud)] {
+            let unknown: Vec<String> = ids
+                .iter()
+                .zip(slots.iter())
+                .filter(|(id, slot)| {
+                    matches!(slot, Slot::Absent) && !deleted_at.contains_key(&(side, (*id).clone()))
+                })
+                .filter(|(id, _)| agreed.get(*id).is_some_and(|v| !v.deleted))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !unknown.is_empty() {
+                for (id, at) in self
+                    .store(side)
+                    .deletion_times(collection, &unknown)
+                    .await?
+                {
+                    deleted_at.insert((side, id), at);
+                }
+            }
+        }
         let parked: BTreeSet<String> = match rules.conflict {
             ConflictPolicy::Manual => self
                 .conflicts

@@ -169,6 +169,17 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<ScanPage>;
 
+    /// When these (absent) records were deleted, for the ids the store can still say (a change
+    /// log not yet settled). A sweep uses it so a delete it finds competes by its real time
+    /// rather than as a delete of unknown time. Stores that keep no such record return nothing.
+    async fn deletion_times(
+        &self,
+        _collection: &str,
+        _ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>> {
+        Ok(std::collections::HashMap::new())
+    }
+
     /// Follows the store's changes and sends them to `ctx.sink` until `ctx.shutdown` is
     /// cancelled (returns `Ok`) or the store goes away (returns `Err`; the engine restarts it).
     async fn listen(&self, ctx: ListenContext) -> Result<()>;

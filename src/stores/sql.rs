@@ -807,6 +807,34 @@ impl Store for SqlStore {
         Ok(page)
     }
 
+    async fn deletion_times(
+        &self,
+        collection: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>> {
+        let d = self.dialect;
+        let mut out = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| d.p(i)).collect();
+            let sql = format!(
+                "SELECT id, max({}) AS at FROM {CHANGE_LOG} WHERE collection = {} AND id IN ({}) GROUP BY id",
+                d.ts_text("changed_at"),
+                d.p(1),
+                placeholders.join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(collection.to_string());
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                if let Some(ms) = parse_ts(&row.try_get::<String, _>("at")?) {
+                    out.insert(row.try_get::<String, _>("id")?, ms);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn listen(&self, ctx: ListenContext) -> Result<()> {
         let mut pg_listener = if self.dialect == Dialect::Postgres {
             let mut l = sqlx::postgres::PgListener::connect(&self.uri)
