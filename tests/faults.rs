@@ -333,7 +333,7 @@ async fn run_seed(seed: u64, local: Server, cloud: Server, work: &Path) {
         &config,
         format!(
             "data_dir = \"{}\"\n[local]\nuri = \"{}\"\n[cloud]\nuri = \"{}\"\n[sync]\ncollections = [\"{COLLECTION}\"]\n\
-             sweep_interval_secs = 5\nfull_sweep_interval_secs = 10\nsweep_margin_secs = 1\nretry_base_ms = 200\nretry_max_secs = 2\n",
+             sweep_interval_secs = 5\nfull_sweep_interval_secs = 10\nsweep_margin_secs = 1\nretry_base_ms = 200\nretry_max_secs = 2\n[api]\nenabled = false\n",
             data.display(),
             local.uri(),
             cloud.uri()

@@ -33,7 +33,7 @@ impl BridgeSetup {
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
         let text = format!(
-            "data_dir = {}\n[local]\nuri = {}\n[cloud]\nuri = {}\n[sync]\ncollections = [{}]\nmode = \"both\"\n",
+            "data_dir = {}\n[local]\nuri = {}\n[cloud]\nuri = {}\n[sync]\ncollections = [{}]\nmode = \"both\"\n[api]\nenabled = false\n",
             q(&dir.join("data").to_string_lossy()),
             q(local),
             q(cloud),

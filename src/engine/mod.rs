@@ -312,6 +312,41 @@ impl Engine {
         Ok(due.len())
     }
 
+    /// Of these ids, those whose version as a listener read it equals the agreed version
+    /// (deletes: the agreed version is a delete too): echoes of the bridge's own writes.
+    pub async fn echoes(
+        &self,
+        collection: &str,
+        ids: &[String],
+        seen: &HashMap<(String, String), Version>,
+    ) -> Result<BTreeSet<String>> {
+        let candidates: Vec<String> = ids
+            .iter()
+            .filter(|id| seen.contains_key(&(collection.to_string(), (*id).clone())))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let agreed = self.state.agreed(collection, &candidates).await?;
+        Ok(candidates
+            .into_iter()
+            .filter(|id| {
+                let (Some(a), Some(v)) = (
+                    agreed.get(id),
+                    seen.get(&(collection.to_string(), id.clone())),
+                ) else {
+                    return false;
+                };
+                if v.deleted {
+                    a.deleted
+                } else {
+                    !a.deleted && a.hash == v.hash
+                }
+            })
+            .collect())
+    }
+
     /// Notes that the queue has entries (an operator put one back), so the pipeline looks.
     pub fn note_queued(&self) {
         self.queue_in_use.store(true, Ordering::Relaxed);

@@ -109,10 +109,16 @@ pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
     engine.stats.event_seen(side, batch.records.len() as u64);
     let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
     let mut own = 0;
+    // The version each record was read at, to recognize echoes without reading the stores.
+    let mut records_seen: std::collections::HashMap<(String, String), crate::record::Version> =
+        std::collections::HashMap::new();
     for r in batch.records {
         if is_own_write(&r, &engine.instance_id) {
             own += 1;
             continue;
+        }
+        if r.doc.is_some() || r.op == Op::Delete {
+            records_seen.insert((r.collection.clone(), r.id.clone()), r.version());
         }
         let entry = by_collection.entry(r.collection).or_default();
         if r.op == Op::Delete {
@@ -123,6 +129,19 @@ pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
     let mut applied = true;
     let mut echoes = own;
     for (collection, (mut ids, deleted_at)) in by_collection {
+        // A change that reads back exactly as the agreed version is our own write coming back
+        // (or a write of the same content): nothing can have changed on this side since both
+        // agreed, so it needs no reconcile. A change on the other side has its own event.
+        match engine.echoes(&collection, &ids, &records_seen).await {
+            Ok(echo_ids) if !echo_ids.is_empty() => {
+                echoes += echo_ids.len() as u64;
+                ids.retain(|id| !echo_ids.contains(id));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "could not read agreed versions; reconciling everything")
+            }
+        }
         // Records waiting in the retry queue keep their place: the new change joins the queue
         // entry (made due now) instead of being applied around it.
         match engine.queued(&collection, &ids).await {

@@ -114,21 +114,24 @@ impl StateDb {
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for (id, v) in versions {
-            sqlx::query(
-                "INSERT INTO agreed (collection, id, updated_at_ms, hash, deleted, synced_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (collection, id) DO UPDATE SET \
-                 updated_at_ms = excluded.updated_at_ms, hash = excluded.hash, \
-                 deleted = excluded.deleted, synced_at_ms = excluded.synced_at_ms",
-            )
-            .bind(collection)
-            .bind(id)
-            .bind(v.updated_at_ms)
-            .bind(&v.hash)
-            .bind(v.deleted as i64)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        // One multi-row statement per 500 records (3,000 bound values, far below SQLite's limit).
+        for chunk in versions.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO agreed (collection, id, updated_at_ms, hash, deleted, synced_at_ms) ",
+            );
+            qb.push_values(chunk, |mut row, (id, v)| {
+                row.push_bind(collection)
+                    .push_bind(id)
+                    .push_bind(v.updated_at_ms)
+                    .push_bind(&v.hash)
+                    .push_bind(v.deleted as i64)
+                    .push_bind(now);
+            });
+            qb.push(
+                " ON CONFLICT (collection, id) DO UPDATE SET updated_at_ms = excluded.updated_at_ms, \
+                 hash = excluded.hash, deleted = excluded.deleted, synced_at_ms = excluded.synced_at_ms",
+            );
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
