@@ -133,12 +133,8 @@ impl ConflictLog {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT record_id FROM conflicts WHERE status = 'parked' AND collection = ",
             );
-            qb.push_bind(collection).push(" AND record_id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+            qb.push_bind(collection).push(" AND record_id");
+            super::state::push_in(&mut qb, chunk);
             out.extend(
                 qb.build()
                     .fetch_all(&self.pool)

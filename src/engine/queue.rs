@@ -169,12 +169,8 @@ impl RetryQueue {
         for chunk in ids.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("DELETE FROM retry_queue WHERE collection = ");
-            qb.push_bind(collection).push(" AND id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+            qb.push_bind(collection).push(" AND id");
+            super::state::push_in(&mut qb, chunk);
             removed += qb.build().execute(&self.pool).await?.rows_affected();
         }
         Ok(removed)
@@ -186,12 +182,8 @@ impl RetryQueue {
         for chunk in ids.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("SELECT id FROM retry_queue WHERE collection = ");
-            qb.push_bind(collection).push(" AND id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+            qb.push_bind(collection).push(" AND id");
+            super::state::push_in(&mut qb, chunk);
             out.extend(
                 qb.build()
                     .fetch_all(&self.pool)
@@ -212,12 +204,8 @@ impl RetryQueue {
             qb.push_bind(now_ms())
                 .push(", attempts = CASE WHEN dead = 1 THEN 0 ELSE attempts END, dead = 0 WHERE collection = ")
                 .push_bind(collection)
-                .push(" AND id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+                .push(" AND id");
+            super::state::push_in(&mut qb, chunk);
             qb.build().execute(&self.pool).await?;
         }
         Ok(())

@@ -14,6 +14,16 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+/// Appends ` IN (?, ?, ...)` binding `ids`: the id filter every batched state query uses.
+pub(crate) fn push_in(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
+    qb.push(" IN (");
+    let mut list = qb.separated(",");
+    for id in ids {
+        list.push_bind(id);
+    }
+    qb.push(")");
+}
+
 /// Handle to `state.db`.
 #[derive(Clone)]
 pub struct StateDb {
@@ -87,12 +97,8 @@ impl StateDb {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT id, updated_at_ms, hash, deleted FROM agreed WHERE collection = ",
             );
-            qb.push_bind(collection).push(" AND id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+            qb.push_bind(collection).push(" AND id");
+            push_in(&mut qb, chunk);
             for row in qb.build().fetch_all(&self.pool).await? {
                 out.insert(
                     row.get::<String, _>(0),
@@ -148,12 +154,8 @@ impl StateDb {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT id, doc FROM agreed WHERE doc IS NOT NULL AND collection = ",
             );
-            qb.push_bind(collection).push(" AND id IN (");
-            let mut sep = qb.separated(",");
-            for id in chunk {
-                sep.push_bind(id);
-            }
-            qb.push(")");
+            qb.push_bind(collection).push(" AND id");
+            push_in(&mut qb, chunk);
             for row in qb.build().fetch_all(&self.pool).await? {
                 if let Ok(doc) = serde_json::from_str(&row.get::<String, _>(1)) {
                     out.insert(row.get::<String, _>(0), doc);
