@@ -276,35 +276,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 }
                 FailedAction::Retry { key } => {
                     let found = queue.retry(&key).await?;
-                    println!(
-                        "{}",
-                        if found {
-                            "queued for an attempt now"
-                        } else {
-                            "not in the queue"
-                        }
-                    );
-                    Ok(if found {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    })
+                    Ok(report_found(found, "queued for an attempt now"))
                 }
                 FailedAction::Discard { key } => {
                     let found = queue.discard(&key).await?;
-                    println!(
-                        "{}",
-                        if found {
-                            "discarded"
-                        } else {
-                            "not in the queue"
-                        }
-                    );
-                    Ok(if found {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    })
+                    Ok(report_found(found, "discarded"))
                 }
             }
         }
@@ -508,6 +484,16 @@ async fn conflicts(config: Config, action: ConflictAction) -> Result<ExitCode> {
             print(&e)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Prints what happened to a queue key, failing when it was not queued.
+fn report_found(found: bool, done: &str) -> ExitCode {
+    println!("{}", if found { done } else { "not in the queue" });
+    if found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
