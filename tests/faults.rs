@@ -347,7 +347,7 @@ async fn run_seed(seed: u64, local: Server, cloud: Server, work: &Path) {
     };
     bridge.start();
     // The bridge creates the SQL table; wait for it before the workload writes.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(&bridge.log)
         .unwrap_or_default()
         .contains("syncbridge running")

@@ -312,17 +312,21 @@ impl Engine {
         Ok(due.len())
     }
 
-    /// Of these ids, those whose version as a listener read it equals the agreed version
-    /// (deletes: the agreed version is a delete too): echoes of the bridge's own writes.
+    /// Of these ids, those whose every version as the listeners read it equals the agreed
+    /// version (deletes: the agreed version is a delete too): echoes of the bridge's own writes.
     pub async fn echoes(
         &self,
         collection: &str,
         ids: &[String],
-        seen: &HashMap<(String, String), Version>,
+        seen: &HashMap<(String, String), Vec<Option<Version>>>,
     ) -> Result<BTreeSet<String>> {
+        let key = |id: &String| (collection.to_string(), id.clone());
         let candidates: Vec<String> = ids
             .iter()
-            .filter(|id| seen.contains_key(&(collection.to_string(), (*id).clone())))
+            .filter(|id| {
+                seen.get(&key(id))
+                    .is_some_and(|vs| vs.iter().all(Option::is_some))
+            })
             .cloned()
             .collect();
         if candidates.is_empty() {
@@ -332,17 +336,16 @@ impl Engine {
         Ok(candidates
             .into_iter()
             .filter(|id| {
-                let (Some(a), Some(v)) = (
-                    agreed.get(id),
-                    seen.get(&(collection.to_string(), id.clone())),
-                ) else {
+                let Some(a) = agreed.get(id) else {
                     return false;
                 };
-                if v.deleted {
-                    a.deleted
-                } else {
-                    !a.deleted && a.hash == v.hash
-                }
+                seen[&key(id)].iter().flatten().all(|v| {
+                    if v.deleted {
+                        a.deleted
+                    } else {
+                        !a.deleted && a.hash == v.hash
+                    }
+                })
             })
             .collect())
     }

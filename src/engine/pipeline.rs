@@ -9,10 +9,10 @@
 use super::echo::is_own_write;
 use super::{DeleteHints, Engine};
 use crate::config::Config;
-use crate::record::{Op, Side};
+use crate::record::{Op, Side, Version};
 use crate::stores::{ChangeBatch, ListenContext, PositionLost, is_fatal};
 use anyhow::Result;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -23,6 +23,8 @@ use tracing::{error, info, warn};
 /// Batches in flight between listeners and the engine: a slow target slows the listeners
 /// instead of growing memory.
 const CHANNEL_BATCHES: usize = 16;
+/// At most this many records are taken from the channel into one reconcile round.
+const MAX_RECORDS_PER_ROUND: usize = 4000;
 /// Listener restart backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -94,7 +96,19 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()>
             b = rx.recv() => b,
         };
         let Some(batch) = batch else { break };
-        process_batch(&engine, batch).await;
+        // Everything else already waiting goes into the same reconcile.
+        let mut batches = vec![batch];
+        let mut records = batches[0].records.len();
+        while records < MAX_RECORDS_PER_ROUND {
+            match rx.try_recv() {
+                Ok(more) => {
+                    records += more.records.len();
+                    batches.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        process_batches(&engine, batches).await;
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
@@ -103,32 +117,44 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()>
     Ok(())
 }
 
-/// Reconciles one listener batch, then settles it.
-pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
-    let side = batch.side;
-    engine.stats.event_seen(side, batch.records.len() as u64);
+/// Reconciles listener batches together (from either side), then settles each of them.
+///
+/// Taking every batch that is waiting, not one at a time, is what keeps latency low under a
+/// steady stream: a reconcile costs a few round trips whatever its size, so a backlog is
+/// cleared in one pass instead of growing.
+pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
     let mut own = 0;
-    // The version each record was read at, to recognize echoes without reading the stores.
-    let mut records_seen: std::collections::HashMap<(String, String), crate::record::Version> =
-        std::collections::HashMap::new();
-    for r in batch.records {
-        if is_own_write(&r, &engine.instance_id) {
-            own += 1;
-            continue;
+    // The versions each record was read at, to recognize echoes without reading the stores;
+    // `None` where a record was read without a document (not a valid record).
+    let mut records_seen: HashMap<(String, String), Vec<Option<Version>>> = HashMap::new();
+    let mut acks = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let side = batch.side;
+        engine.stats.event_seen(side, batch.records.len() as u64);
+        for r in batch.records {
+            if is_own_write(&r, &engine.instance_id) {
+                own += 1;
+                continue;
+            }
+            let version = (r.doc.is_some() || r.op == Op::Delete).then(|| r.version());
+            records_seen
+                .entry((r.collection.clone(), r.id.clone()))
+                .or_default()
+                .push(version);
+            let entry = by_collection.entry(r.collection).or_default();
+            if r.op == Op::Delete {
+                entry.1.insert((side, r.id.clone()), r.updated_at_ms);
+            }
+            entry.0.push(r.id);
         }
-        if r.doc.is_some() || r.op == Op::Delete {
-            records_seen.insert((r.collection.clone(), r.id.clone()), r.version());
-        }
-        let entry = by_collection.entry(r.collection).or_default();
-        if r.op == Op::Delete {
-            entry.1.insert((side, r.id.clone()), r.updated_at_ms);
-        }
-        entry.0.push(r.id);
+        acks.push((side, batch.ack));
     }
     let mut applied = true;
     let mut echoes = own;
     for (collection, (mut ids, deleted_at)) in by_collection {
+        ids.sort();
+        ids.dedup();
         // A change that reads back exactly as the agreed version is our own write coming back
         // (or a write of the same content): nothing can have changed on this side since both
         // agreed, so it needs no reconcile. A change on the other side has its own event.
@@ -169,15 +195,17 @@ pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
         }
     }
     super::stats::Stats::bump(&engine.stats.echoes_suppressed, echoes);
-    match engine.store(side).settle(batch.ack, applied).await {
-        Ok(Some(position)) => {
-            if let Err(e) = engine.state.set_checkpoint(side, &position).await {
-                error!(%side, error = %e, "could not persist the listener checkpoint; changes will be replayed");
+    for (side, ack) in acks {
+        match engine.store(side).settle(ack, applied).await {
+            Ok(Some(position)) => {
+                if let Err(e) = engine.state.set_checkpoint(side, &position).await {
+                    error!(%side, error = %e, "could not persist the listener checkpoint; changes will be replayed");
+                }
             }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            warn!(%side, error = %format!("{e:#}"), "could not settle a batch; it will be replayed")
+            Ok(None) => {}
+            Err(e) => {
+                warn!(%side, error = %format!("{e:#}"), "could not settle a batch; it will be replayed")
+            }
         }
     }
 }

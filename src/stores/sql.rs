@@ -897,6 +897,8 @@ impl Store for SqlStore {
                         if let Ok(Err(e)) = n {
                             return Err(anyhow!(e).context(format!("lost LISTEN connection to {}", redact_uri(&self.uri))));
                         }
+                        // One read of the log covers every notification already here.
+                        while l.next_buffered().is_some() {}
                     }
                 },
                 None => {
