@@ -385,6 +385,10 @@ async fn invalid_values_are_reported(kind: Kind) {
         Kind::Postgres => {
             ts.raw(&[&format!("INSERT INTO \"{c}\" (id, doc) VALUES ('text', '\"just a string\"'), ('hash', '[1]')")]);
         }
+        // A JSON check refuses text that is not JSON, as on PostgreSQL.
+        Kind::Mysql => {
+            ts.raw(&[&format!("INSERT INTO \"{c}\" (id, doc) VALUES ('text', '\"just a string\"'), ('hash', '[1]')")]);
+        }
         // Every BSON document is a document; what cannot be a record is an updatedAt the
         // bridge cannot read (and must not overwrite).
         Kind::Mongo => {
@@ -474,6 +478,7 @@ macro_rules! conformance {
 conformance!(redis, Kind::Redis);
 conformance!(sqlite, Kind::Sqlite);
 conformance!(postgres, Kind::Postgres);
+conformance!(mysql, Kind::Mysql);
 // Built to run when MONGODB_URI names a replica set (build.rs sets `mongodb_tests`); otherwise
 // reported by cargo as ignored, with the reason: never counted as passed.
 conformance!(
