@@ -91,6 +91,7 @@ start_mariadb() {
     --log-error="$dir/err.log" --innodb-flush-log-at-trx-commit=2 --max-connections=500 \
     >/dev/null 2>&1 &
   echo $! >"$dir/mariadbd.pid"
+  disown # no "Killed" job report when stop_stores ends it
   for _ in $(seq 200); do
     mysql --no-defaults -h127.0.0.1 -P"$port" -uroot -e 'SELECT 1' >/dev/null 2>&1 && return 0
     kill -0 "$(cat "$dir/mariadbd.pid")" 2>/dev/null || break
