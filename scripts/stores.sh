@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Throwaway Redis and PostgreSQL servers on free loopback ports, for tests and benchmarks.
+# Throwaway Redis, PostgreSQL and MariaDB servers on free loopback ports, for tests and benchmarks.
 #
-# Source it: `. scripts/stores.sh; start_stores` exports SYNCBRIDGE_TEST_REDIS_URL and
-# SYNCBRIDGE_TEST_PG_URL; `stop_stores` (installed as an EXIT trap) stops them and removes their
-# directory. Missing servers are installed from Debian packages. The single-server functions
-# (start_redis, stop_redis, start_pg, stop_pg) are also reachable as
+# Source it: `. scripts/stores.sh; start_stores` exports SYNCBRIDGE_TEST_REDIS_URL,
+# SYNCBRIDGE_TEST_PG_URL and SYNCBRIDGE_TEST_MYSQL_URL; `stop_stores` (installed as an EXIT trap)
+# stops them and removes their directory. Missing servers are installed from Debian packages.
+# The single-server functions (start_redis, stop_redis, start_pg, stop_pg, start_mariadb,
+# stop_mariadb) are also reachable as
 # `bash scripts/stores.sh <function> <dir> [port]`, which is how the fault test stops and
 # restarts servers under a running bridge.
 
@@ -17,6 +18,8 @@ ensure_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server redis-tools)
   [ -n "${PG_BIN}" ] && [ -x "${PG_BIN}/postgres" ] || missing+=(postgresql)
   command -v sqlite3 >/dev/null || missing+=(sqlite3)
+  { command -v mariadbd && command -v mariadb-install-db && command -v mysql; } >/dev/null ||
+    missing+=(mariadb-server)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -qq >&2
@@ -74,6 +77,43 @@ stop_pg() {
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# start_mariadb DIR PORT: MariaDB as root (no system account needed), data in DIR/data (created on
+# first start), reachable on 127.0.0.1:PORT and on the socket DIR/my.sock; waits until it answers.
+start_mariadb() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  if [ ! -d "$dir/data" ]; then
+    mariadb-install-db --no-defaults --datadir="$dir/data" --auth-root-authentication-method=normal \
+      --skip-test-db --user=root >"$dir/install.log" 2>&1
+  fi
+  mariadbd --no-defaults --user=root --datadir="$dir/data" --port="$port" \
+    --bind-address=127.0.0.1 --socket="$dir/my.sock" --pid-file="$dir/my.pid" \
+    --log-error="$dir/err.log" --innodb-flush-log-at-trx-commit=2 --max-connections=500 \
+    >/dev/null 2>&1 &
+  echo $! >"$dir/mariadbd.pid"
+  disown # no "Killed" job report when stop_stores ends it
+  for _ in $(seq 200); do
+    mysql --no-defaults -h127.0.0.1 -P"$port" -uroot -e 'SELECT 1' >/dev/null 2>&1 && return 0
+    kill -0 "$(cat "$dir/mariadbd.pid")" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "mariadb did not start on port $port (see $dir/err.log)" >&2
+  return 1
+}
+
+# stop_mariadb DIR: asks it to shut down and waits for the process (mariadb-admin shutdown
+# returns before the server has gone).
+stop_mariadb() {
+  local dir=$1 pid
+  [ -f "$dir/mariadbd.pid" ] || return 0
+  pid=$(cat "$dir/mariadbd.pid")
+  mariadb-admin --no-defaults --socket="$dir/my.sock" -uroot shutdown >/dev/null 2>&1 ||
+    kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 400); do kill -0 "$pid" 2>/dev/null || { rm -f "$dir/mariadbd.pid"; return 0; }; sleep 0.05; done
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$dir/mariadbd.pid"
+}
+
 start_stores() {
   ensure_packages
   STORES_DIR=$(mktemp -d /tmp/syncbridge-stores.XXXXXX)
@@ -86,7 +126,12 @@ start_stores() {
   pg_port=$(free_port)
   start_pg "$STORES_DIR/pg" "$pg_port"
   export SYNCBRIDGE_TEST_PG_URL="postgres://postgres@127.0.0.1:${pg_port}/postgres"
-  echo "stores: redis on ${redis_port}, postgres on ${pg_port} (in ${STORES_DIR})" >&2
+  local mysql_port
+  mysql_port=$(free_port)
+  start_mariadb "$STORES_DIR/mariadb" "$mysql_port"
+  mysql --no-defaults -h127.0.0.1 -P"$mysql_port" -uroot -e 'CREATE DATABASE IF NOT EXISTS syncbridge_test'
+  export SYNCBRIDGE_TEST_MYSQL_URL="mysql://root@127.0.0.1:${mysql_port}/syncbridge_test"
+  echo "stores: redis on ${redis_port}, postgres on ${pg_port}, mariadb on ${mysql_port} (in ${STORES_DIR})" >&2
 }
 
 stop_stores() {
@@ -95,6 +140,11 @@ stop_stores() {
   if [ -d "$STORES_DIR/pg/data" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STORES_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
   fi
+  if [ -f "$STORES_DIR/mariadb/mariadbd.pid" ]; then
+    # Throwaway data: no clean shutdown needed, only the process gone before its files.
+    kill -KILL "$(cat "$STORES_DIR/mariadb/mariadbd.pid")" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$(cat "$STORES_DIR/mariadb/mariadbd.pid")" 2>/dev/null || break; sleep 0.05; done
+  fi
   rm -rf "$STORES_DIR"
   STORES_DIR=
 }
@@ -102,7 +152,7 @@ stop_stores() {
 # Run as a command: `bash scripts/stores.sh start_redis DIR PORT`, and so on.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case "${1:-}" in
-    start_redis | stop_redis | start_pg | stop_pg | ensure_packages | free_port) "$@" ;;
-    *) echo "usage: $0 start_redis|stop_redis|start_pg|stop_pg DIR [PORT]" >&2; exit 2 ;;
+    start_redis | stop_redis | start_pg | stop_pg | start_mariadb | stop_mariadb | ensure_packages | free_port) "$@" ;;
+    *) echo "usage: $0 start_redis|stop_redis|start_pg|stop_pg|start_mariadb|stop_mariadb DIR [PORT]" >&2; exit 2 ;;
   esac
 fi

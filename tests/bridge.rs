@@ -1,5 +1,5 @@
 //! End-to-end: a bridge between two real stores, with every change made directly through the
-//! stores' own CLIs (redis-cli, psql, sqlite3), the way an application that knows nothing of
+//! stores' own CLIs (redis-cli, psql, sqlite3, mysql), the way an application that knows nothing of
 //! syncbridge writes. The same scenarios run for every pair of stores.
 
 mod common;
@@ -337,6 +337,8 @@ macro_rules! pair_tests {
 pair_tests!(postgres_redis, Kind::Postgres, Kind::Redis);
 pair_tests!(sqlite_redis, Kind::Sqlite, Kind::Redis);
 pair_tests!(sqlite_postgres, Kind::Sqlite, Kind::Postgres);
+pair_tests!(mysql_redis, Kind::Mysql, Kind::Redis);
+pair_tests!(mysql_postgres, Kind::Mysql, Kind::Postgres);
 // The pair the bridge was first asked for; runs when MONGODB_URI names a replica set.
 pair_tests!(
     #[cfg_attr(

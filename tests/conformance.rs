@@ -385,6 +385,10 @@ async fn invalid_values_are_reported(kind: Kind) {
         Kind::Postgres => {
             ts.raw(&[&format!("INSERT INTO \"{c}\" (id, doc) VALUES ('text', '\"just a string\"'), ('hash', '[1]')")]);
         }
+        // A JSON check refuses text that is not JSON, as on PostgreSQL.
+        Kind::Mysql => {
+            ts.raw(&[&format!("INSERT INTO \"{c}\" (id, doc) VALUES ('text', '\"just a string\"'), ('hash', '[1]')")]);
+        }
         // Every BSON document is a document; what cannot be a record is an updatedAt the
         // bridge cannot read (and must not overwrite).
         Kind::Mongo => {
@@ -474,6 +478,7 @@ macro_rules! conformance {
 conformance!(redis, Kind::Redis);
 conformance!(sqlite, Kind::Sqlite);
 conformance!(postgres, Kind::Postgres);
+conformance!(mysql, Kind::Mysql);
 // Built to run when MONGODB_URI names a replica set (build.rs sets `mongodb_tests`); otherwise
 // reported by cargo as ignored, with the reason: never counted as passed.
 conformance!(
@@ -484,3 +489,65 @@ conformance!(
     mongo,
     Kind::Mongo
 );
+
+/// What MySQL adds to the suite: the TIMESTAMP range is a per-record refusal (not a failed
+/// batch), ids are exact (case and trailing spaces count), and the stamping rule (an UPDATE of
+/// the document alone gets a new time; one that assigns updated_at keeps what it says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_ranges_ids_and_stamping() {
+    let (ts, store, c) = open(Kind::Mysql).await;
+    let t = now_ms() - 60_000;
+    let far = 2_200_000_000_000; // 2039-09: past a TIMESTAMP's end
+    let outcomes = store
+        .apply(
+            &c,
+            &[
+                Write {
+                    record: upsert(&c, "far", "future", far),
+                    expected: None,
+                },
+                Write {
+                    record: upsert(&c, "a", "lower", t),
+                    expected: None,
+                },
+                Write {
+                    record: upsert(&c, "A", "upper", t),
+                    expected: None,
+                },
+                Write {
+                    record: upsert(&c, "a ", "spaced", t),
+                    expected: None,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], ApplyOutcome::Rejected(r) if r.contains("TIMESTAMP")),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[1..].iter().all(|o| *o == ApplyOutcome::Applied));
+    let slots = store
+        .read(&c, &["a".into(), "A".into(), "a ".into(), "far".into()])
+        .await
+        .unwrap();
+    let names: Vec<String> = slots[..3]
+        .iter()
+        .map(|s| present(s.clone()).doc["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["lower", "upper", "spaced"]);
+    assert_eq!(slots[3], Slot::Absent);
+
+    // An UPDATE that assigns updated_at (here to itself) states its version: not stamped.
+    ts.raw(&[&format!(
+        "UPDATE \"{c}\" SET doc = '{{\"name\":\"kept time\"}}', updated_at = updated_at WHERE id = 'a'"
+    )]);
+    let kept = present(read_one(&store, &c, "a").await);
+    assert_eq!(kept.doc["name"], "kept time");
+    assert_eq!(kept.updated_at_ms, Some(t));
+    // One that changes the document alone is a new version of unknown time: stamped now.
+    ts.edit_name_in_place(&c, "A", "edited").unwrap();
+    let edited = present(read_one(&store, &c, "A").await);
+    assert_eq!(edited.doc["name"], "edited");
+    assert!(edited.updated_at_ms.unwrap() > t + 30_000, "{edited:?}");
+}

@@ -214,12 +214,12 @@ pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
     let scheme = uri.split("://").next().unwrap_or_default();
     match scheme {
         "redis" | "rediss" => Ok(Arc::new(redis::RedisStore::connect(uri).await?)),
-        "sqlite" | "postgres" | "postgresql" => {
+        "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb" => {
             Ok(Arc::new(sql::SqlStore::connect(uri, instance_id).await?))
         }
         "mongodb" | "mongodb+srv" => Ok(Arc::new(mongo::MongoStore::connect(uri).await?)),
         other => Err(Fatal(format!(
-            "unsupported store URI scheme {other:?} in {}: use redis://, sqlite://, postgres://, mongodb:// or mongodb+srv://",
+            "unsupported store URI scheme {other:?} in {}: use redis://, sqlite://, postgres://, mysql://, mongodb:// or mongodb+srv://",
             redact_uri(uri)
         ))
         .into()),

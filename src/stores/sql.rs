@@ -1,16 +1,30 @@
-//! SQL connector for SQLite (the embedded local client database) and PostgreSQL, through
-//! `sqlx`'s `Any` driver so both dialects share one code path.
+//! SQL connector for SQLite (the embedded local client database), PostgreSQL and MySQL/MariaDB,
+//! through `sqlx`'s `Any` driver so the dialects share one code path.
 //!
 //! Each collection is a table `<collection>(id TEXT PRIMARY KEY, doc <json>, updated_at <ts>)`;
 //! the `updated_at` column is the record's version time (the document's `updatedAt` field is set
 //! from it on read). Triggers write every insert, update and delete, whoever made it, into the
 //! change-log table `_syncbridge_changes`; the listener reads the log (PostgreSQL wakes it with
-//! NOTIFY, SQLite is polled every 25 ms), reads the current rows, and delivers them. Log rows are
+//! NOTIFY, SQLite and MySQL are polled: see the constants below), reads the current rows, and delivers them. Log rows are
 //! deleted only once the engine has applied what they carried ([`Store::settle`]), so a crash
 //! replays them: the log itself is the durable checkpoint.
 //!
 //! On PostgreSQL the bridge's own transactions set `syncbridge.origin` to the instance id, and
 //! the trigger records it, so the listener can tag the bridge's own writes.
+//!
+//! MySQL/MariaDB (`mysql://`) captures changes with triggers too, not by reading the row binlog:
+//! triggers work on any server and need no privilege beyond the tables (the binlog needs
+//! `REPLICATION SLAVE/CLIENT`, a server started with `log_bin` and `binlog_format=ROW`, which
+//! managed databases often do not give), the change log is a durable, replayable checkpoint in
+//! the same transaction as the write (a binlog position must be stored elsewhere, and a rotated
+//! binlog loses changes), and one code path serves all three SQL stores. The cost is a row in
+//! `_syncbridge_changes` per write, and a poll: MySQL has no NOTIFY, so the listener asks
+//! `SELECT MAX(seq)` (answered from the end of the primary key, no table scan) every
+//! [`MYSQL_POLL`] and reads the log only when it moved. Every bridge connection sets the user
+//! variable `@syncbridge_origin` to the instance id, and the triggers record it. The stamping
+//! rule (an UPDATE that changes the document without assigning `updated_at` gets the current
+//! time) is MySQL's own `ON UPDATE CURRENT_TIMESTAMP(6)`, which behaves exactly that way.
+//! `docs/mysql.md` has the column types and why.
 
 use super::{
     Ack, ApplyOutcome, Capabilities, ChangeBatch, ListenContext, ScanPage, Slot, Store,
@@ -43,6 +57,15 @@ const SQLITE_POLL: Duration = Duration::from_millis(25);
 /// committed. The check touches no table, so it can run far more often than a log read;
 /// the log is read as soon as it answers yes.
 const SQLITE_WAKE_CHECK: Duration = Duration::from_millis(2);
+/// How often the MySQL listener asks `SELECT MAX(seq)` of the change log (MySQL has no
+/// notifications). The query reads the last entry of the primary key, so it is as cheap as a
+/// query can be, and 5 ms keeps the capture delay well inside the latency target.
+pub const MYSQL_POLL: Duration = Duration::from_millis(5);
+/// The `STR_TO_DATE` format of the RFC 3339 text the bridge binds for MySQL timestamps.
+const MYSQL_TS_IN: &str = "%Y-%m-%dT%H:%i:%s.%fZ";
+/// A MySQL `TIMESTAMP` holds 1970-01-01 00:00:01 to 2038-01-19 03:14:07.999999 UTC: a version
+/// time outside is refused with this reason rather than failing the whole batch.
+const MYSQL_TS_RANGE_MS: (i64, i64) = (1_000, 2_147_483_647_999);
 /// PostgreSQL listeners poll this often too, in case a notification was missed.
 const PG_FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// How often rows left behind the read position (late commits, released batches) are re-read.
@@ -59,6 +82,9 @@ const LOG_BATCH: i64 = 1000;
 enum Dialect {
     Sqlite,
     Postgres,
+    /// MySQL 8.0.29+ or MariaDB 10.5+. Sessions run with `ANSI_QUOTES` (so `"table"` quotes
+    /// an identifier as in the other dialects) and `time_zone = '+00:00'`.
+    Mysql,
 }
 
 impl Dialect {
@@ -67,13 +93,15 @@ impl Dialect {
         match self {
             Dialect::Sqlite => format!("?{n}"),
             Dialect::Postgres => format!("${n}"),
+            // Positional only: statements bind MySQL parameters in the order they appear.
+            Dialect::Mysql => "?".to_string(),
         }
     }
 
     /// Placeholder for a JSON document parameter.
     fn p_doc(self, n: usize) -> String {
         match self {
-            Dialect::Sqlite => self.p(n),
+            Dialect::Sqlite | Dialect::Mysql => self.p(n),
             Dialect::Postgres => format!("${n}::jsonb"),
         }
     }
@@ -83,6 +111,7 @@ impl Dialect {
         match self {
             Dialect::Sqlite => self.p(n),
             Dialect::Postgres => format!("${n}::timestamptz"),
+            Dialect::Mysql => format!("STR_TO_DATE(?, '{MYSQL_TS_IN}')"),
         }
     }
 
@@ -93,19 +122,22 @@ impl Dialect {
             Dialect::Postgres => {
                 format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
             }
+            // The session time zone is UTC, so a TIMESTAMP reads back as UTC.
+            Dialect::Mysql => format!("DATE_FORMAT({col}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
         }
     }
 
     /// The document column as text.
     fn doc_text(self) -> &'static str {
         match self {
-            Dialect::Sqlite => "doc",
+            Dialect::Sqlite | Dialect::Mysql => "doc",
             Dialect::Postgres => "doc::text",
         }
     }
 
     /// Schema statements for one collection table, its index and its capture triggers.
-    fn collection_ddl(self, table: &str) -> Vec<String> {
+    /// `key_collation` is the MySQL collation of ids (see [`SqlStore::mysql_key_collation`]).
+    fn collection_ddl(self, table: &str, key_collation: &str) -> Vec<String> {
         match self {
             Dialect::Sqlite => vec![
                 format!(
@@ -167,6 +199,38 @@ impl Dialect {
                      ON \"{table}\" FOR EACH ROW EXECUTE FUNCTION _syncbridge_stamp()"
                 ),
             ],
+            // The document is text with a JSON check, not MySQL's binary JSON: MySQL 8
+            // rewrites JSON text (key order, spacing, number forms), MariaDB's JSON is this
+            // same text type, and only exact text makes the etag guard (`doc = ?`) mean "nobody
+            // wrote since". `utf8mb4_bin` compares it byte for byte (not case-blind). Ids use a
+            // NO PAD binary collation where the server has one, so "a" and "a " are two ids.
+            // `ON UPDATE CURRENT_TIMESTAMP(6)` is the stamping rule: MySQL stamps an UPDATE
+            // that changes the row without assigning updated_at, and only that one.
+            Dialect::Mysql => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS \"{table}\" (\
+                     id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {key_collation} NOT NULL PRIMARY KEY, \
+                     doc LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL CHECK (JSON_VALID(doc)), \
+                     updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6), \
+                     INDEX \"{table}_updated_at_idx\" (updated_at, id)) ENGINE = InnoDB"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_ins\" AFTER INSERT ON \"{table}\" \
+                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                     VALUES ('{table}', NEW.id, @syncbridge_origin)"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_upd\" AFTER UPDATE ON \"{table}\" \
+                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                     SELECT '{table}', NEW.id, @syncbridge_origin \
+                     UNION ALL SELECT '{table}', OLD.id, @syncbridge_origin FROM DUAL WHERE OLD.id <> NEW.id"
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_del\" AFTER DELETE ON \"{table}\" \
+                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                     VALUES ('{table}', OLD.id, @syncbridge_origin)"
+                ),
+            ],
         }
     }
 
@@ -221,11 +285,17 @@ impl Dialect {
                  END $fn$"
                     .to_string(),
             ],
+            Dialect::Mysql => vec![format!(
+                "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+                 collection VARCHAR(64) NOT NULL, \
+                 id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, origin TEXT, \
+                 changed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE = InnoDB"
+            )],
         }
     }
 }
 
-/// A SQLite file or PostgreSQL database used as one side of the bridge.
+/// A SQLite file, PostgreSQL or MySQL/MariaDB database used as one side of the bridge.
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
@@ -245,23 +315,47 @@ struct LogRow {
 }
 
 impl SqlStore {
-    /// Connects to a `sqlite://` (file created if missing) or `postgres://` URI.
+    /// Connects to a `sqlite://` (file created if missing), `postgres://` or `mysql://` URI.
     pub async fn connect(uri: &str, instance_id: &str) -> Result<SqlStore> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (dialect, conn_uri) = if uri.starts_with("sqlite:") {
             (Dialect::Sqlite, sqlite_uri(uri)?)
+        } else if uri.starts_with("mysql:") || uri.starts_with("mariadb:") {
+            (
+                Dialect::Mysql,
+                format!(
+                    "mysql:{}",
+                    uri.split_once(':').map(|x| x.1).unwrap_or_default()
+                ),
+            )
         } else {
             (Dialect::Postgres, uri.to_string())
         };
+        let origin = instance_id.to_string();
         let pool = AnyPoolOptions::new()
             .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
+                let origin = origin.clone();
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
                         // Other programs write the same file; wait for their locks, do not fail.
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    }
+                    if dialect == Dialect::Mysql {
+                        // UTC timestamps whatever the URI or server say; "quoted" identifiers as
+                        // in the other dialects; strict mode, so a value a column cannot hold
+                        // is an error, never a silent truncation; and the origin the triggers
+                        // record: every connection of this pool writes for this bridge.
+                        sqlx::query(
+                            "SET time_zone = '+00:00', \
+                             sql_mode = CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'ANSI_QUOTES', 'STRICT_ALL_TABLES'), \
+                             @syncbridge_origin = ?",
+                        )
+                        .bind(origin.clone())
+                        .execute(&mut *conn)
+                        .await?;
                     }
                     Ok(())
                 })
@@ -440,7 +534,9 @@ impl SqlStore {
         let cols: Vec<String> = (0..columns)
             .map(|i| match self_dialect {
                 Dialect::Postgres => format!("x->>{i} AS c{i}"),
-                Dialect::Sqlite => format!("json_extract(value, '$[{i}]') AS c{i}"),
+                Dialect::Sqlite | Dialect::Mysql => {
+                    format!("json_extract(value, '$[{i}]') AS c{i}")
+                }
             })
             .collect();
         match self_dialect {
@@ -448,7 +544,10 @@ impl SqlStore {
                 "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS x)",
                 cols.join(", ")
             ),
-            Dialect::Sqlite => format!("(SELECT {} FROM json_each(?1))", cols.join(", ")),
+            // MySQL never takes the batch path (see `apply`).
+            Dialect::Sqlite | Dialect::Mysql => {
+                format!("(SELECT {} FROM json_each(?1))", cols.join(", "))
+            }
         }
     }
 
@@ -507,7 +606,7 @@ impl SqlStore {
         }
         let (doc_cast, ts_cast) = match d {
             Dialect::Postgres => ("::jsonb", "::timestamptz"),
-            Dialect::Sqlite => ("", ""),
+            Dialect::Sqlite | Dialect::Mysql => ("", ""),
         };
         let insert_sql = format!(
             "INSERT INTO \"{collection}\" (id, doc, updated_at) \
@@ -518,7 +617,7 @@ impl SqlStore {
         let t = format!("\"{collection}\"");
         let (returning, cur_doc) = match d {
             Dialect::Postgres => (format!("{t}.id"), format!("{t}.doc::text")),
-            Dialect::Sqlite => ("id".to_string(), format!("{t}.doc")),
+            Dialect::Sqlite | Dialect::Mysql => ("id".to_string(), format!("{t}.doc")),
         };
         let update_sql = format!(
             "UPDATE {t} SET doc = u.c3{doc_cast}, updated_at = u.c4{ts_cast} FROM {} AS u \
@@ -584,18 +683,40 @@ impl SqlStore {
             d.doc_text(),
             d.p(3)
         );
+        if d == Dialect::Mysql
+            && w.record.op == Op::Upsert
+            && !(MYSQL_TS_RANGE_MS.0..=MYSQL_TS_RANGE_MS.1).contains(&w.record.updated_at_ms)
+        {
+            return Ok(ApplyOutcome::Rejected(format!(
+                "updatedAt {} is outside the range of a MySQL TIMESTAMP column (1970-01-01 to 2038-01-19 UTC)",
+                format_ts(w.record.updated_at_ms)
+            )));
+        }
         let affected = match (&w.record.doc, w.record.op) {
             (Some(doc), Op::Upsert) => {
                 let doc_text = canonical_json(doc);
                 let ts = format_ts(w.record.updated_at_ms);
-                let sql = match expected {
-                    Some(_) => format!(
+                let sql = match (expected, d) {
+                    // MySQL binds by position: the same statement, its parameters in the order
+                    // they appear (id, expected time and document, then the new ones).
+                    (Some(_), Dialect::Mysql) => format!(
+                        "UPDATE \"{collection}\" SET doc = ?, updated_at = {} WHERE id = ? AND {guard}",
+                        d.p_ts(0),
+                    ),
+                    (Some(_), _) => format!(
                         "UPDATE \"{collection}\" SET doc = {}, updated_at = {} WHERE id = {} AND {guard}",
                         d.p_doc(4),
                         d.p_ts(5),
                         d.p(1)
                     ),
-                    None => format!(
+                    // MySQL has no ON CONFLICT DO NOTHING (INSERT IGNORE would also swallow
+                    // truncation errors): a duplicate key fails this statement alone, and the
+                    // read below classifies the write.
+                    (None, Dialect::Mysql) => format!(
+                        "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES (?, ?, {})",
+                        d.p_ts(0)
+                    ),
+                    (None, _) => format!(
                         "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES ({}, {}, {}) \
                          ON CONFLICT (id) DO NOTHING",
                         d.p(1),
@@ -603,16 +724,32 @@ impl SqlStore {
                         d.p_ts(3)
                     ),
                 };
-                let q = sqlx::query(AssertSqlSafe(sql)).bind(id.clone());
-                let q = match expected {
-                    Some((e_ts, e_doc)) => q
+                let q = sqlx::query(AssertSqlSafe(sql));
+                let q = match (expected, d) {
+                    (Some((e_ts, e_doc)), Dialect::Mysql) => q
+                        .bind(doc_text)
+                        .bind(ts)
+                        .bind(id.clone())
+                        .bind(e_ts.to_string())
+                        .bind(e_doc.to_string()),
+                    (Some((e_ts, e_doc)), _) => q
+                        .bind(id.clone())
                         .bind(e_ts.to_string())
                         .bind(e_doc.to_string())
                         .bind(doc_text)
                         .bind(ts),
-                    None => q.bind(doc_text).bind(ts),
+                    (None, _) => q.bind(id.clone()).bind(doc_text).bind(ts),
                 };
-                q.execute(&mut **tx).await?.rows_affected()
+                match q.execute(&mut **tx).await {
+                    Ok(done) => done.rows_affected(),
+                    Err(sqlx::Error::Database(e))
+                        if d == Dialect::Mysql
+                            && e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+                    {
+                        0
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             _ => match expected {
                 Some((e_ts, e_doc)) => {
@@ -649,6 +786,62 @@ impl SqlStore {
             }
             _ => ApplyOutcome::Conflict,
         })
+    }
+}
+
+impl SqlStore {
+    /// The collation for MySQL ids: binary (case matters) and NO PAD (a trailing space
+    /// matters) where the server has one (`utf8mb4_nopad_bin` on MariaDB, `utf8mb4_0900_bin`
+    /// on MySQL 8), else `utf8mb4_bin`, which ignores trailing spaces in comparisons.
+    async fn mysql_key_collation(
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Any>,
+    ) -> Result<String> {
+        let found: Option<String> = sqlx::query(
+            "SELECT COLLATION_NAME FROM information_schema.COLLATIONS \
+             WHERE COLLATION_NAME IN ('utf8mb4_nopad_bin', 'utf8mb4_0900_bin') \
+             ORDER BY COLLATION_NAME DESC LIMIT 1",
+        )
+        .fetch_optional(&mut **conn)
+        .await?
+        .map(|r| r.try_get::<String, _>(0))
+        .transpose()?;
+        Ok(found.unwrap_or_else(|| "utf8mb4_bin".to_string()))
+    }
+
+    /// MySQL's prepare: DDL commits implicitly (no transaction to hold it), so a named lock
+    /// keeps bridges preparing one database at once from racing.
+    async fn prepare_mysql(&self, collections: &[String]) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        let locked: Option<i64> = sqlx::query("SELECT GET_LOCK('syncbridge_prepare', 30)")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        if locked != Some(1) {
+            bail!(
+                "{}: another bridge held the prepare lock for 30 s",
+                redact_uri(&self.uri)
+            );
+        }
+        let result = async {
+            let collation = Self::mysql_key_collation(&mut conn).await?;
+            let mut statements = self.dialect.log_ddl();
+            for c in collections {
+                statements.extend(self.dialect.collection_ddl(c, &collation));
+            }
+            for sql in statements {
+                conn.execute(AssertSqlSafe(sql.clone()))
+                    .await
+                    .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        sqlx::query("SELECT RELEASE_LOCK('syncbridge_prepare')")
+            .execute(&mut *conn)
+            .await?;
+        result?;
+        info!(store = %redact_uri(&self.uri), ?collections, "tables and change-capture triggers ready");
+        Ok(())
     }
 }
 
@@ -693,6 +886,9 @@ impl Store for SqlStore {
     }
 
     async fn prepare(&self, collections: &[String]) -> Result<()> {
+        if self.dialect == Dialect::Mysql {
+            return self.prepare_mysql(collections).await;
+        }
         let mut tx = self.pool.begin().await?;
         if self.dialect == Dialect::Postgres {
             // Many bridges may prepare one database at once; DDL must not race.
@@ -705,7 +901,7 @@ impl Store for SqlStore {
         }
         let mut statements = self.dialect.log_ddl();
         for c in collections {
-            statements.extend(self.dialect.collection_ddl(c));
+            statements.extend(self.dialect.collection_ddl(c, ""));
         }
         for sql in statements {
             tx.execute(AssertSqlSafe(sql.clone()))
@@ -738,16 +934,19 @@ impl Store for SqlStore {
                 .await?;
         }
         let ids: HashSet<&str> = writes.iter().map(|w| w.record.id.as_str()).collect();
-        let outcomes = if ids.len() == writes.len() && writes.len() > 1 {
-            self.apply_batch(&mut tx, collection, writes).await?
-        } else {
-            // One write, or an id twice (order matters then): statement by statement.
-            let mut outcomes = Vec::with_capacity(writes.len());
-            for w in writes {
-                outcomes.push(self.apply_one(&mut tx, collection, w).await?);
-            }
-            outcomes
-        };
+        // MySQL has no UPDATE ... RETURNING to tell which rows of a batch statement applied:
+        // its writes go one statement each, still in one transaction.
+        let outcomes =
+            if ids.len() == writes.len() && writes.len() > 1 && self.dialect != Dialect::Mysql {
+                self.apply_batch(&mut tx, collection, writes).await?
+            } else {
+                // One write, or an id twice (order matters then): statement by statement.
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for w in writes {
+                    outcomes.push(self.apply_one(&mut tx, collection, w).await?);
+                }
+                outcomes
+            };
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -767,12 +966,15 @@ impl Store for SqlStore {
             conds.push(format!("updated_at >= {}", d.p_ts(binds.len())));
         }
         if let Some((ts, id)) = cursor.as_deref().and_then(|c| c.split_once('\n')) {
+            // Each placeholder bound once, in order (MySQL's are positional).
             binds.push(ts.to_string());
-            let t = d.p_ts(binds.len());
+            let t1 = d.p_ts(binds.len());
+            binds.push(ts.to_string());
+            let t2 = d.p_ts(binds.len());
             binds.push(id.to_string());
             let i = d.p(binds.len());
             conds.push(format!(
-                "(updated_at > {t} OR (updated_at = {t} AND id > {i}))"
+                "(updated_at > {t1} OR (updated_at = {t2} AND id > {i}))"
             ));
         }
         let sql = format!(
@@ -847,12 +1049,25 @@ impl Store for SqlStore {
         };
         // SQLite: one connection kept to watch data_version (it only moves on other
         // connections' commits, so it must be the same connection every time).
-        let mut watch = if self.dialect == Dialect::Sqlite {
+        // MySQL: one connection kept to poll the log's highest sequence number.
+        let mut watch = if self.dialect != Dialect::Postgres {
             Some(self.pool.acquire().await?)
         } else {
             None
         };
         let mut data_version: i64 = -1;
+        let (poll, check_every, watch_sql) = match self.dialect {
+            Dialect::Mysql => (
+                PG_FALLBACK_POLL,
+                MYSQL_POLL,
+                format!("SELECT COALESCE(MAX(seq), 0) FROM {CHANGE_LOG}"),
+            ),
+            _ => (
+                SQLITE_POLL,
+                SQLITE_WAKE_CHECK,
+                "PRAGMA data_version".to_string(),
+            ),
+        };
         info!(side = %ctx.side, store = %redact_uri(&self.uri), "listening to the change log");
         // Start behind everything: whatever is still in the log was never settled.
         let mut position = 0i64;
@@ -902,14 +1117,14 @@ impl Store for SqlStore {
                     }
                 },
                 None => {
-                    let until = Instant::now() + SQLITE_POLL;
+                    let until = Instant::now() + poll;
                     while Instant::now() < until {
                         tokio::select! {
                             _ = ctx.shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(SQLITE_WAKE_CHECK) => {}
+                            _ = tokio::time::sleep(check_every) => {}
                         }
                         if let Some(conn) = watch.as_mut() {
-                            let v: i64 = sqlx::query("PRAGMA data_version")
+                            let v: i64 = sqlx::query(AssertSqlSafe(watch_sql.as_str()))
                                 .fetch_one(&mut **conn)
                                 .await?
                                 .try_get(0)?;

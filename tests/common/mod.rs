@@ -38,6 +38,8 @@ pub enum Kind {
     Redis,
     Postgres,
     Sqlite,
+    /// The MariaDB server `scripts/stores.sh` starts (`SYNCBRIDGE_TEST_MYSQL_URL`).
+    Mysql,
     /// A MongoDB replica set named by `MONGODB_URI` (none can run on our machines; see
     /// [`available`]).
     Mongo,
@@ -119,6 +121,11 @@ impl TestStore {
                 uri: env_uri("MONGODB_URI"),
                 _dir: None,
             },
+            Kind::Mysql => TestStore {
+                kind,
+                uri: env_uri("SYNCBRIDGE_TEST_MYSQL_URL"),
+                _dir: None,
+            },
             Kind::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let uri = format!("sqlite://{}", dir.path().join("store.db").display());
@@ -151,6 +158,33 @@ impl TestStore {
             Kind::Sqlite => {
                 let mut c = Command::new("sqlite3");
                 c.args(["-cmd", ".timeout 10000", self.sqlite_path()]);
+                c
+            }
+            Kind::Mysql => {
+                // mysql://user[:password]@host:port/db, as the test script exports it.
+                let rest = self.uri.split_once("://").expect("mysql uri").1;
+                let (auth, rest) = rest.rsplit_once('@').unwrap_or(("root", rest));
+                let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+                let (hostport, db) = rest.split_once('/').expect("mysql uri names a database");
+                let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
+                let mut c = Command::new("mysql");
+                c.arg("--no-defaults");
+                if !password.is_empty() {
+                    c.env("MYSQL_PWD", password);
+                }
+                // As an application's session, except that the test's literal timestamps are
+                // UTC and its SQL quotes identifiers with "..." like the other stores'.
+                c.args([
+                    &format!("-h{host}"),
+                    &format!("-P{port}"),
+                    &format!("-u{user}"),
+                    "--init-command=SET time_zone = '+00:00', sql_mode = CONCAT(@@sql_mode, ',ANSI_QUOTES')",
+                    "-N",
+                    "-B",
+                    "-r",
+                    db.split('?').next().unwrap_or(db),
+                    "-e",
+                ]);
                 c
             }
             Kind::Mongo => unreachable!("MongoDB is written through the driver, not a CLI"),
@@ -220,6 +254,18 @@ impl TestStore {
                      ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at"
                 )]);
             }
+            Kind::Mysql => {
+                let text = text.replace('\\', "\\\\").replace('\'', "''");
+                let ts = doc
+                    .get("updatedAt")
+                    .and_then(Value::as_str)
+                    .map(|t| format!("STR_TO_DATE('{t}', '%Y-%m-%dT%H:%i:%s.%fZ')"))
+                    .unwrap_or_else(|| "NOW(6)".into());
+                self.cli(&[&format!(
+                    "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES ('{id}', '{text}', {ts}) \
+                     ON DUPLICATE KEY UPDATE doc = VALUES(doc), updated_at = VALUES(updated_at)"
+                )]);
+            }
         }
     }
 
@@ -234,6 +280,9 @@ impl TestStore {
             ),
             Kind::Postgres => format!(
                 "UPDATE \"{collection}\" SET doc = jsonb_set(doc, '{{name}}', to_jsonb('{name}'::text)) WHERE id = '{id}'"
+            ),
+            Kind::Mysql => format!(
+                "UPDATE \"{collection}\" SET doc = JSON_SET(doc, '$.name', '{name}') WHERE id = '{id}'"
             ),
         };
         self.cli(&[&sql]);
@@ -310,6 +359,11 @@ impl TestStore {
             )]),
             Kind::Sqlite => self.cli(&[&format!(
                 "SELECT json_object('doc', json(doc), 'ts', updated_at) FROM \"{collection}\" WHERE id = '{id}'"
+            )]),
+            Kind::Mysql => self.cli(&[&format!(
+                "SELECT JSON_OBJECT('doc', JSON_EXTRACT(doc, '$'), 'ts', \
+                 CONCAT(LEFT(DATE_FORMAT(updated_at, '%Y-%m-%dT%H:%i:%s.%f'), 23), 'Z')) \
+                 FROM \"{collection}\" WHERE id = '{id}'"
             )]),
             Kind::Mongo => unreachable!("handled above"),
         };
