@@ -103,10 +103,30 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()>
     Ok(())
 }
 
+/// Records a listener batch touched, announced on [`Engine::changes`] once the batch is
+/// reconciled, so followers (the replication feed) learn of changes from the listeners
+/// instead of polling the stores.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The collection.
+    pub collection: String,
+    /// The ids the batch carried (own writes and echoes included).
+    pub ids: Vec<String>,
+}
+
 /// Reconciles one listener batch, then settles it.
 pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
     let side = batch.side;
     engine.stats.event_seen(side, batch.records.len() as u64);
+    let mut touched: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if engine.changes.receiver_count() > 0 {
+        for r in &batch.records {
+            touched
+                .entry(r.collection.clone())
+                .or_default()
+                .push(r.id.clone());
+        }
+    }
     let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
     let mut own = 0;
     for r in batch.records {
@@ -150,6 +170,9 @@ pub async fn process_batch(engine: &Engine, batch: ChangeBatch) {
         }
     }
     super::stats::Stats::bump(&engine.stats.echoes_suppressed, echoes);
+    for (collection, ids) in touched {
+        let _ = engine.changes.send(Changed { collection, ids });
+    }
     match engine.store(side).settle(batch.ack, applied).await {
         Ok(Some(position)) => {
             if let Err(e) = engine.state.set_checkpoint(side, &position).await {
