@@ -436,6 +436,17 @@ pub struct PushResult {
     pub rejected: Vec<Refused>,
 }
 
+/// One Server-Sent Event of the stream, as the OpenAPI document describes it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEvent {
+    /// `checkpoint` or `heartbeat`.
+    pub event: String,
+    /// For `checkpoint`: the new checkpoint (what `Last-Event-ID` sends back).
+    pub id: Option<String>,
+    /// JSON text: `{"collection", "checkpoint"}` for `checkpoint`, `{}` for `heartbeat`.
+    pub data: String,
+}
+
 /// A replication client's last visits.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClientStatus {
@@ -877,7 +888,7 @@ async fn push_one(
            ("Last-Event-ID" = Option<String>, Header, description = "The last checkpoint seen; a newer one is announced at once"),
            StreamQuery),
     responses(
-        (status = 200, description = "An event stream: `checkpoint` events with data `{\"collection\", \"checkpoint\"}`, and `heartbeat` events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream: `checkpoint` events with data `{\"collection\", \"checkpoint\"}`, and `heartbeat` events", content_type = "text/event-stream", body = StreamEvent),
         (status = 400, description = "Bad heartbeat", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 404, description = "Unknown collection", body = ErrorBody),
