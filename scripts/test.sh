@@ -15,4 +15,5 @@ if [ -z "${MONGODB_URI:-}" ]; then
 fi
 cargo test --locked "$@" -- --skip under_faults
 bash scripts/api-fuzz.sh
+bash scripts/browser-test.sh # offline-first client in headless Chromium (screenshot: target/demo.png)
 cargo test --locked --test faults "$@" -- --nocapture

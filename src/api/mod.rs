@@ -9,6 +9,7 @@
 pub mod conflicts;
 pub mod error;
 pub mod records;
+pub mod replicate;
 pub mod sync;
 
 use crate::config::ApiConfig;
@@ -44,6 +45,8 @@ pub struct ApiState {
     /// [`records`]).
     writers: [Arc<dyn Store>; 2],
     metrics: sync::Metrics,
+    /// The replication feed behind `/api/replicate` (see [`replicate`]).
+    replica: Arc<replicate::Replica>,
     token: Option<String>,
     body_limit: usize,
 }
@@ -61,12 +64,14 @@ impl ApiState {
         let writer_id = format!("{}-api", engine.instance_id);
         let local = crate::stores::open(&engine.config.local.uri, &writer_id).await?;
         let cloud = crate::stores::open(&engine.config.cloud.uri, &writer_id).await?;
+        let replica = replicate::Replica::open(engine.clone(), cloud.clone()).await?;
         Ok(Arc::new(ApiState {
             engine,
             passes,
             schedule,
             writers: [local, cloud],
             metrics: sync::Metrics::new().context("cannot register the metrics")?,
+            replica,
             token: api.token.clone(),
             body_limit: api.body_limit,
         }))
@@ -91,8 +96,10 @@ impl ApiState {
         sync::post_sync, sync::get_sync, sync::status, sync::healthz, sync::metrics, openapi_json,
         conflicts::list_failed, conflicts::retry_failed, conflicts::discard_failed,
         conflicts::list_conflicts, conflicts::get_conflict, conflicts::resolve_conflict,
+        replicate::pull, replicate::push, replicate::stream, replicate::clients,
+        replicate::client_js, replicate::demo,
     ),
-    components(schemas(records::ApiVersion, sync::SyncModeName)),
+    components(schemas(records::ApiVersion, sync::SyncModeName, replicate::WireVersion)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]
@@ -200,15 +207,26 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/metrics", get(sync::metrics))
         .route("/openapi.json", get(openapi_json))
+        .route("/api/replicate/clients", get(replicate::clients))
+        .route("/api/replicate/{collection}/pull", get(replicate::pull))
+        .route("/api/replicate/{collection}/push", post(replicate::push))
+        .route("/api/replicate/{collection}/stream", get(replicate::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(sync::healthz))
+        // Pages a browser opens by address, so without a token; the data they show comes from
+        // the guarded routes.
+        .route("/client/syncbridge.js", get(replicate::client_js))
+        .route("/demo", get(replicate::demo))
         .merge(guarded)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
 }
+
+/// How long requests in flight may finish after shutdown before open connections are dropped.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Binds the API's address, saying which when it cannot.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -226,10 +244,16 @@ pub async fn serve(
 ) -> Result<()> {
     let addr = listener.local_addr()?;
     info!(%addr, "HTTP API listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("the HTTP API stopped")?;
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Replication streams never end by themselves: after shutdown, requests in flight get a
+    // short grace, then the open streams are dropped (their clients reconnect elsewhere).
+    tokio::select! {
+        r = server => r.context("the HTTP API stopped")?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            info!("HTTP API closing the connections still open (event streams)");
+        }
+    }
     info!("HTTP API stopped");
     Ok(())
 }

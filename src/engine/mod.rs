@@ -62,6 +62,10 @@ pub struct Engine {
     pub conflicts: ConflictLog,
     /// Whether the queue may hold entries; keeps queue look-ups off the hot path when empty.
     queue_in_use: AtomicBool,
+    /// Announces the records each listener batch touched, after it is reconciled (see
+    /// [`pipeline::Changed`]); the replication API follows it. Sending costs nothing when
+    /// nobody subscribed.
+    pub changes: tokio::sync::broadcast::Sender<pipeline::Changed>,
 }
 
 /// What a reconcile (or a whole sweep) did, for logs, the CLI and the API.
@@ -156,6 +160,7 @@ impl Engine {
             queue,
             conflicts,
             queue_in_use: AtomicBool::new(queue_in_use),
+            changes: tokio::sync::broadcast::channel(1024).0,
         })
     }
 

@@ -117,12 +117,26 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<()>
     Ok(())
 }
 
+/// Records a listener batch touched, announced on [`Engine::changes`] once the batch is
+/// reconciled, so followers (the replication feed) learn of changes from the listeners
+/// instead of polling the stores.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The collection.
+    pub collection: String,
+    /// The ids the batch carried (own writes and echoes included).
+    pub ids: Vec<String>,
+}
+
 /// Reconciles listener batches together (from either side), then settles each of them.
 ///
 /// Taking every batch that is waiting, not one at a time, is what keeps latency low under a
 /// steady stream: a reconcile costs a few round trips whatever its size, so a backlog is
 /// cleared in one pass instead of growing.
 pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
+    // What the batches touched, for followers of Engine::changes (only if one listens).
+    let mut touched: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let announce = engine.changes.receiver_count() > 0;
     let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
     let mut own = 0;
     // The versions each record was read at, to recognize echoes without reading the stores;
@@ -133,6 +147,12 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
         let side = batch.side;
         engine.stats.event_seen(side, batch.records.len() as u64);
         for r in batch.records {
+            if announce {
+                touched
+                    .entry(r.collection.clone())
+                    .or_default()
+                    .push(r.id.clone());
+            }
             if is_own_write(&r, &engine.instance_id) {
                 own += 1;
                 continue;
@@ -195,6 +215,9 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
         }
     }
     super::stats::Stats::bump(&engine.stats.echoes_suppressed, echoes);
+    for (collection, ids) in touched {
+        let _ = engine.changes.send(Changed { collection, ids });
+    }
     for (side, ack) in acks {
         match engine.store(side).settle(ack, applied).await {
             Ok(Some(position)) => {
