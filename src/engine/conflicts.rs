@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Row, Sqlite};
+use std::collections::HashMap;
 
 /// One conflict, parked or resolved.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -126,22 +127,23 @@ impl ConflictLog {
         Ok(())
     }
 
-    /// Of these ids, the ones with a parked conflict.
-    pub async fn parked_ids(&self, collection: &str, ids: &[String]) -> Result<Vec<String>> {
-        let mut out = Vec::new();
+    /// The parked conflicts among these ids, by record id: one query for a whole batch.
+    pub async fn parked_among(
+        &self,
+        collection: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, ConflictEntry>> {
+        let mut out = HashMap::new();
         for chunk in ids.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT record_id FROM conflicts WHERE status = 'parked' AND collection = ",
+                "SELECT * FROM conflicts WHERE status = 'parked' AND collection = ",
             );
             qb.push_bind(collection).push(" AND record_id");
             super::state::push_in(&mut qb, chunk);
-            out.extend(
-                qb.build()
-                    .fetch_all(&self.pool)
-                    .await?
-                    .into_iter()
-                    .map(|r| r.get::<String, _>(0)),
-            );
+            for row in qb.build().fetch_all(&self.pool).await? {
+                let e = Self::entry(&row);
+                out.insert(e.record_id.clone(), e);
+            }
         }
         Ok(out)
     }
@@ -182,16 +184,6 @@ impl ConflictLog {
     pub async fn get(&self, id: i64) -> Result<Option<ConflictEntry>> {
         let row = sqlx::query("SELECT * FROM conflicts WHERE id = ?1")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::entry))
-    }
-
-    /// The parked conflict of a record, if any.
-    pub async fn parked(&self, collection: &str, record_id: &str) -> Result<Option<ConflictEntry>> {
-        let row = sqlx::query("SELECT * FROM conflicts WHERE status = 'parked' AND collection = ?1 AND record_id = ?2")
-            .bind(collection)
-            .bind(record_id)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(Self::entry))

@@ -424,14 +424,9 @@ impl Engine {
                 }
             }
         }
-        let parked: BTreeSet<String> = match rules.conflict {
-            ConflictPolicy::Manual => self
-                .conflicts
-                .parked_ids(collection, ids)
-                .await?
-                .into_iter()
-                .collect(),
-            _ => BTreeSet::new(),
+        let parked = match rules.conflict {
+            ConflictPolicy::Manual => self.conflicts.parked_among(collection, ids).await?,
+            _ => HashMap::new(),
         };
         let now = now_ms();
         let max_future = now + (self.config.sync.max_future_secs as i64) * 1000;
@@ -481,18 +476,15 @@ impl Engine {
                 states.push(st);
             }
             let docs = [doc_of(&states[0]), doc_of(&states[1])];
-            if parked.contains(id) {
+            if let Some(entry) = parked.get(id) {
                 // A parked record stays parked until resolved: later changes refresh the parked
                 // versions instead of syncing around it, unless both sides now agree anyway.
-                let entry = self.conflicts.parked(collection, id).await?;
                 if docs[0] == docs[1] {
-                    if let Some(e) = entry {
-                        self.conflicts
-                            .mark_resolved(e.id, "converged", None)
-                            .await?;
-                    }
+                    self.conflicts
+                        .mark_resolved(entry.id, "converged", None)
+                        .await?;
                 } else {
-                    let base = entry.as_ref().and_then(|e| e.base.clone());
+                    let base = entry.base.clone();
                     self.conflicts
                         .park(
                             collection,
