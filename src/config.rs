@@ -341,6 +341,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
     fn collections_carry_their_conflict_policy() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
@@ -350,11 +351,16 @@ mod tests {
              [[collections]]\nname = \"notes\"\nconflict = \"merge\"\nmerge_prefer = \"cloud\"\n",
         )
         .unwrap();
-        let c = Config::load(Some(&path)).unwrap();
-        assert_eq!(c.sync.collections, vec!["a", "notes"]);
-        assert_eq!(c.rules("notes").conflict, ConflictPolicy::Merge);
-        assert_eq!(c.rules("notes").merge_prefer, MergePrefer::Cloud);
-        assert_eq!(c.rules("a"), Rules::default());
+        // Inside a Jail: other tests set SYNCBRIDGE_* variables, and the Jail's lock keeps
+        // them from leaking into this one.
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(Some(&path)).unwrap();
+            assert_eq!(c.sync.collections, vec!["a", "notes"]);
+            assert_eq!(c.rules("notes").conflict, ConflictPolicy::Merge);
+            assert_eq!(c.rules("notes").merge_prefer, MergePrefer::Cloud);
+            assert_eq!(c.rules("a"), Rules::default());
+            Ok(())
+        });
     }
 
     #[test]
