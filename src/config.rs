@@ -88,6 +88,104 @@ pub struct CollectionConfig {
     /// For `merge`: whose value a field changed on both sides takes (latest, local, cloud).
     #[serde(default)]
     pub merge_prefer: MergePrefer,
+    /// An existing typed table holding this collection on every SQL side, synced column by
+    /// column instead of the bridge's own `(id, doc, updated_at)` table.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The local side's table, when its name differs from `table`.
+    #[serde(default)]
+    pub local_table: Option<String>,
+    /// The cloud side's table, when its name differs from `table`.
+    #[serde(default)]
+    pub cloud_table: Option<String>,
+    /// The table's primary-key column (one column; its value is the record id).
+    #[serde(default = "default_key")]
+    pub key: Vec<String>,
+    /// The table's modification-time column.
+    #[serde(default = "default_updated_at")]
+    pub updated_at: String,
+    /// Columns to sync besides the key and `updated_at`; all of them when absent.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Collections whose rows this one's rows reference (parents first, children after);
+    /// foreign keys between typed tables are found on their own.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Add the `updated_at` column to a table that has none. Off unless asked: the bridge
+    /// does not change an application's schema on its own.
+    #[serde(default)]
+    pub add_updated_at: bool,
+    /// Who creates rows of an auto-increment table synced both ways: `local` or `cloud`
+    /// (only that side's applications insert), or `disjoint` (the servers allocate from
+    /// disjoint ranges). Unset, such a table is refused at start-up, since both sides could
+    /// allocate the same id to two different rows.
+    #[serde(default)]
+    pub key_allocation: Option<KeyAllocation>,
+}
+
+fn default_key() -> Vec<String> {
+    vec!["id".into()]
+}
+
+fn default_updated_at() -> String {
+    "updated_at".into()
+}
+
+/// Who allocates the keys of an auto-increment table synced both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAllocation {
+    /// Only the local side's applications insert rows (the usual offline-shop pattern: the
+    /// local database allocates, the central one receives).
+    Local,
+    /// Only the cloud side's applications insert rows.
+    Cloud,
+    /// Both insert, from disjoint ranges (`auto_increment_increment`/`offset`, sequences
+    /// with different starts and a common step, or UUID keys).
+    Disjoint,
+}
+
+impl Default for CollectionConfig {
+    fn default() -> Self {
+        CollectionConfig {
+            name: String::new(),
+            conflict: ConflictPolicy::default(),
+            merge_prefer: MergePrefer::default(),
+            table: None,
+            local_table: None,
+            cloud_table: None,
+            key: default_key(),
+            updated_at: default_updated_at(),
+            columns: None,
+            depends_on: Vec::new(),
+            add_updated_at: false,
+            key_allocation: None,
+        }
+    }
+}
+
+impl CollectionConfig {
+    /// The typed table of this collection on `side`, if it has one there.
+    pub fn table_on(&self, side: crate::record::Side) -> Option<&str> {
+        match side {
+            crate::record::Side::Local => self.local_table.as_deref(),
+            crate::record::Side::Cloud => self.cloud_table.as_deref(),
+        }
+        .or(self.table.as_deref())
+    }
+
+    /// The [`TableSpec`](crate::stores::TableSpec) for `side`, if the collection has a
+    /// typed table there.
+    pub fn table_spec(&self, side: crate::record::Side) -> Option<crate::stores::TableSpec> {
+        self.table_on(side).map(|table| crate::stores::TableSpec {
+            collection: self.name.clone(),
+            table: table.to_string(),
+            key: self.key.first().cloned().unwrap_or_else(|| "id".into()),
+            updated_at: self.updated_at.clone(),
+            columns: self.columns.clone(),
+            add_updated_at: self.add_updated_at,
+        })
+    }
 }
 
 /// The HTTP API served beside the bridge by `syncbridge run`.
@@ -247,16 +345,46 @@ impl Config {
             bail!("sync.collections is empty: name at least one collection to sync");
         }
         for c in &self.sync.collections {
-            let ok = c
-                .chars()
-                .next()
-                .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
-                && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-                && c.len() <= 60;
-            if !ok {
+            if !is_identifier(c) {
                 bail!(
                     "collection name {c:?} must be letters, digits and _ (a SQL table name), at most 60 characters"
                 );
+            }
+        }
+        for c in &self.collections {
+            let mut names: Vec<(&str, &str)> = vec![("updated_at", c.updated_at.as_str())];
+            for t in [&c.table, &c.local_table, &c.cloud_table].into_iter().flatten() {
+                names.push(("table", t));
+            }
+            for k in &c.key {
+                names.push(("key", k));
+            }
+            for col in c.columns.iter().flatten() {
+                names.push(("columns", col));
+            }
+            for (what, name) in names {
+                if !is_identifier(name) {
+                    bail!(
+                        "collection {}: {what} {name:?} must be letters, digits and _ (a SQL name), at most 60 characters",
+                        c.name
+                    );
+                }
+            }
+            if c.key.len() != 1 {
+                bail!(
+                    "collection {}: key {:?}: a typed table is synced by a one-column key; \
+                     composite keys are not supported yet (add a unique one-column key, or keep the collection in the bridge's own table)",
+                    c.name,
+                    c.key
+                );
+            }
+            for d in &c.depends_on {
+                if !self.sync.collections.contains(d) {
+                    bail!(
+                        "collection {}: depends_on names {d:?}, which is not a synced collection",
+                        c.name
+                    );
+                }
             }
         }
         for (name, uri) in [("local", &self.local.uri), ("cloud", &self.cloud.uri)] {
@@ -297,6 +425,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 60 characters: a name that is safe to put in SQL
+/// between double quotes, which is what lets statements name tables and columns.
+pub fn is_identifier(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+        && name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && name.len() <= 60
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ async fn scenario(
         name: c.clone(),
         conflict: policy,
         merge_prefer: MergePrefer::Latest,
+        ..Default::default()
     }];
     let t0 = now_ms() - 60_000;
     let bridge = TestBridge::start(cfg.clone()).await;
@@ -204,6 +205,7 @@ async fn manual_conflicts_park_and_resolve(lk: Kind) {
         name: c.clone(),
         conflict: ConflictPolicy::Manual,
         merge_prefer: MergePrefer::Latest,
+        ..Default::default()
     }];
     bridge.stop().await;
     let bridge = TestBridge::start(cfg.clone()).await;

@@ -261,7 +261,9 @@ async fn create(
     {
         ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         ApplyOutcome::Conflict => return Err(contended(&collection, &id)),
-        ApplyOutcome::Rejected(reason) => return Err(rejected(reason)),
+        ApplyOutcome::Rejected(reason) | ApplyOutcome::Deferred(reason) => {
+                return Err(rejected(reason));
+            }
     }
     let mut headers = HeaderMap::new();
     let prefix = if name == "customer" {
@@ -334,7 +336,9 @@ async fn update(
                 return Ok(axum::Json(document(doc)));
             }
             ApplyOutcome::Conflict => continue,
-            ApplyOutcome::Rejected(reason) => return Err(rejected(reason)),
+            ApplyOutcome::Rejected(reason) | ApplyOutcome::Deferred(reason) => {
+                return Err(rejected(reason));
+            }
         }
     }
     Err(contended(&collection, id))
@@ -359,7 +363,9 @@ async fn remove(
         match apply(state, side, &collection, w).await? {
             ApplyOutcome::Applied | ApplyOutcome::Unchanged => return Ok(StatusCode::NO_CONTENT),
             ApplyOutcome::Conflict => continue,
-            ApplyOutcome::Rejected(reason) => return Err(rejected(reason)),
+            ApplyOutcome::Rejected(reason) | ApplyOutcome::Deferred(reason) => {
+                return Err(rejected(reason));
+            }
         }
     }
     Err(contended(&collection, id))

@@ -879,6 +879,9 @@ async fn push_one(
         ApplyOutcome::Rejected(reason) => Ok(Outcome::Rejected(format!(
             "the store refused the record: {reason}"
         ))),
+        ApplyOutcome::Deferred(reason) => Ok(Outcome::Rejected(format!(
+            "the store cannot take the record yet (push it again later): {reason}"
+        ))),
     }
 }
 

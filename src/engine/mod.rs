@@ -9,6 +9,7 @@
 pub mod conflicts;
 pub mod echo;
 pub mod merge;
+pub mod order;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;
@@ -31,7 +32,7 @@ use stats::Stats;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 /// Deletion times a listener learned from its store, per (side, record id).
 pub type DeleteHints = HashMap<(Side, String), i64>;
@@ -66,6 +67,8 @@ pub struct Engine {
     /// [`pipeline::Changed`]); the replication API follows it. Sending costs nothing when
     /// nobody subscribed.
     pub changes: tokio::sync::broadcast::Sender<pipeline::Changed>,
+    /// Collections' dependency ranks (parents first), known once the stores are prepared.
+    ranks: std::sync::RwLock<order::Ranks>,
 }
 
 /// What a reconcile (or a whole sweep) did, for logs, the CLI and the API.
@@ -161,6 +164,7 @@ impl Engine {
             conflicts,
             queue_in_use: AtomicBool::new(queue_in_use),
             changes: tokio::sync::broadcast::channel(1024).0,
+            ranks: std::sync::RwLock::default(),
         })
     }
 
@@ -180,12 +184,46 @@ impl Engine {
         }
     }
 
-    /// Creates tables, triggers and notification settings on both stores.
+    /// Creates tables, triggers and notification settings on both stores, maps collections
+    /// onto typed tables where the config names one, orders collections by their
+    /// dependencies and refuses key allocations that could collide.
     pub async fn prepare(&self) -> Result<()> {
-        let collections = &self.config.sync.collections;
-        self.local.prepare(collections).await?;
-        self.cloud.prepare(collections).await?;
+        let mut facts = Vec::new();
+        for side in [Side::Local, Side::Cloud] {
+            let store = self.store(side);
+            let specs: Vec<crate::stores::TableSpec> = if store.capabilities().typed_tables {
+                self.config
+                    .collections
+                    .iter()
+                    .filter_map(|c| c.table_spec(side))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let generic: Vec<String> = self
+                .config
+                .sync
+                .collections
+                .iter()
+                .filter(|c| !specs.iter().any(|s| &s.collection == *c))
+                .cloned()
+                .collect();
+            store.prepare(&generic).await?;
+            facts.push((side, store.prepare_tables(&specs).await?));
+        }
+        order::check_key_allocation(&self.config, &facts)?;
+        *self.ranks.write().expect("ranks lock") = order::ranks(&self.config, &facts);
         Ok(())
+    }
+
+    /// `collection`'s dependency rank: parents (referenced rows) have smaller ranks.
+    pub fn rank(&self, collection: &str) -> usize {
+        self.ranks
+            .read()
+            .expect("ranks lock")
+            .get(collection)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Brings these records of `collection` into agreement under `mode`.
@@ -570,6 +608,14 @@ impl Engine {
                             ApplyOutcome::Conflict => {
                                 failed_plans.insert(*plan);
                                 out.retry.push(id.clone());
+                            }
+                            ApplyOutcome::Deferred(reason) => {
+                                // A parent row still on its way: the queue retries it with
+                                // backoff, as long as it takes, and never dead-letters it.
+                                failed_plans.insert(*plan);
+                                let msg = format!("{side} cannot take {collection}/{id} yet: {reason}");
+                                debug!("{msg}");
+                                out.failed.push((id.clone(), msg, FailureKind::Store));
                             }
                             ApplyOutcome::Rejected(reason) => {
                                 failed_plans.insert(*plan);

@@ -137,7 +137,10 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     // What the batches touched, for followers of Engine::changes (only if one listens).
     let mut touched: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let announce = engine.changes.receiver_count() > 0;
-    let mut by_collection: BTreeMap<String, (Vec<String>, DeleteHints)> = BTreeMap::new();
+    // Keyed so iteration is the apply order: upserts parents first, then deletes children
+    // first (see `order`); the op is the listener's, and only orders (reconcile re-reads).
+    let mut by_collection: BTreeMap<(bool, isize, String), (Vec<String>, DeleteHints)> =
+        BTreeMap::new();
     let mut own = 0;
     // The versions each record was read at, to recognize echoes without reading the stores;
     // `None` where a record was read without a document (not a valid record).
@@ -162,7 +165,12 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
                 .entry((r.collection.clone(), r.id.clone()))
                 .or_default()
                 .push(version);
-            let entry = by_collection.entry(r.collection).or_default();
+            let rank = engine.rank(&r.collection) as isize;
+            let key = match r.op {
+                Op::Delete => (true, -rank, r.collection),
+                Op::Upsert => (false, rank, r.collection),
+            };
+            let entry = by_collection.entry(key).or_default();
             if r.op == Op::Delete {
                 entry.1.insert((side, r.id.clone()), r.updated_at_ms);
             }
@@ -172,7 +180,7 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     }
     let mut applied = true;
     let mut echoes = own;
-    for (collection, (mut ids, deleted_at)) in by_collection {
+    for ((_, _, collection), (mut ids, deleted_at)) in by_collection {
         ids.sort();
         ids.dedup();
         // A change that reads back exactly as the agreed version is our own write coming back

@@ -70,6 +70,9 @@ pub enum ApplyOutcome {
     Conflict,
     /// The store refused this record (too large, bad value); the reason says why.
     Rejected(String),
+    /// The store cannot take this record *yet*: it references a row that has not arrived (a
+    /// foreign key to a parent still on its way). Retried later, never dead-lettered.
+    Deferred(String),
 }
 
 /// One page of a scan.
@@ -138,6 +141,41 @@ pub struct Capabilities {
     pub durable_changes: bool,
     /// `scan` with `since` uses an index; without one it walks every record.
     pub time_index: bool,
+    /// Collections can live in the application's own typed tables
+    /// ([`Store::prepare_tables`]); `table` settings apply to SQL stores only.
+    pub typed_tables: bool,
+}
+
+/// A collection kept in an existing typed table (`[[collections]] table = ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    /// The collection name the engine and the other store know it by.
+    pub collection: String,
+    /// The table in this store.
+    pub table: String,
+    /// The primary-key column; its value is the record id.
+    pub key: String,
+    /// The column holding the row's modification time (the record's `updatedAt`).
+    pub updated_at: String,
+    /// The columns to sync besides the key and `updated_at`; `None` syncs all.
+    pub columns: Option<Vec<String>>,
+    /// Add the `updated_at` column if the table has none (only when the config says so).
+    pub add_updated_at: bool,
+}
+
+/// What preparing a typed table found out, for the engine's start-up checks and ordering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFacts {
+    /// The collection.
+    pub collection: String,
+    /// Tables this table's foreign keys reference (parents), as named in this store.
+    pub references: Vec<String>,
+    /// The key is allocated by the database (auto-increment, serial, identity, rowid).
+    pub auto_increment: bool,
+    /// The database allocates keys from a range disjoint from other servers' (MySQL
+    /// `auto_increment_increment` > 1, a sequence stepping by more than 1): two-way sync
+    /// of inserts on both sides cannot collide.
+    pub disjoint_keys: bool,
 }
 
 /// One data store the bridge can keep in step.
@@ -151,6 +189,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates what the bridge needs (tables, triggers, notification settings). Idempotent.
     async fn prepare(&self, collections: &[String]) -> Result<()>;
+
+    /// Maps collections onto existing typed tables of the application's own schema (column
+    /// by column) and installs change capture on them. Idempotent. Only SQL stores have
+    /// tables; the others refuse.
+    async fn prepare_tables(&self, specs: &[TableSpec]) -> Result<Vec<TableFacts>> {
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        Err(Fatal(format!(
+            "{} has no tables: `table` applies only to SQLite, PostgreSQL and MySQL stores",
+            self.describe()
+        ))
+        .into())
+    }
 
     /// Reads the records with these ids, one [`Slot`] per id, in order.
     async fn read(&self, collection: &str, ids: &[String]) -> Result<Vec<Slot>>;

@@ -252,6 +252,7 @@ impl Store for MongoStore {
         Capabilities {
             durable_changes: true,
             time_index: true,
+            typed_tables: false,
         }
     }
 

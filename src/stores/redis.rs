@@ -191,6 +191,7 @@ impl Store for RedisStore {
         Capabilities {
             durable_changes: false,
             time_index: false,
+            typed_tables: false,
         }
     }
 

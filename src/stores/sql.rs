@@ -26,9 +26,11 @@
 //! time) is MySQL's own `ON UPDATE CURRENT_TIMESTAMP(6)`, which behaves exactly that way.
 //! `docs/mysql.md` has the column types and why.
 
+mod typed;
+
 use super::{
     Ack, ApplyOutcome, Capabilities, ChangeBatch, ListenContext, ScanPage, Slot, Store,
-    StoredRecord, Write, redact_uri,
+    StoredRecord, TableFacts, TableSpec, Write, redact_uri,
 };
 use crate::record::{
     ChangeRecord, Op, Origin, canonical_hash, canonical_json, format_ts, now_ms, parse_ts,
@@ -39,8 +41,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, Once};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Once, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -303,6 +305,8 @@ pub struct SqlStore {
     instance_id: String,
     /// Log rows delivered to the engine and not yet settled; the behind-scan skips them.
     in_flight: Arc<Mutex<HashSet<i64>>>,
+    /// Collections kept in the application's own typed tables, by collection name.
+    typed: RwLock<HashMap<String, Arc<typed::TypedTable>>>,
 }
 
 /// A change-log row.
@@ -341,7 +345,13 @@ impl SqlStore {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
                         // Other programs write the same file; wait for their locks, do not fail.
+                        // Foreign keys, off by default per connection, hold for our writes too.
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    if dialect == Dialect::Postgres {
+                        // Zoneless timestamps of typed tables are read and written as UTC.
+                        conn.execute("SET TIME ZONE 'UTC'").await?;
                     }
                     if dialect == Dialect::Mysql {
                         // UTC timestamps whatever the URI or server say; "quoted" identifiers as
@@ -369,6 +379,7 @@ impl SqlStore {
             uri: uri.to_string(),
             instance_id: instance_id.to_string(),
             in_flight: Arc::default(),
+            typed: RwLock::default(),
         })
     }
 
@@ -389,6 +400,15 @@ impl SqlStore {
         }
     }
 
+    /// The typed table of `collection`, if it lives in one.
+    fn typed(&self, collection: &str) -> Option<Arc<typed::TypedTable>> {
+        self.typed
+            .read()
+            .expect("typed tables lock")
+            .get(collection)
+            .cloned()
+    }
+
     fn select_cols(&self) -> String {
         format!(
             "id, {} AS ts, {} AS doc",
@@ -403,6 +423,9 @@ impl SqlStore {
     {
         if ids.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(t) = self.typed(collection) {
+            return t.read(self.dialect, exec, ids).await;
         }
         let placeholders: Vec<String> = (1..=ids.len()).map(|i| self.dialect.p(i)).collect();
         let sql = format!(
@@ -882,6 +905,7 @@ impl Store for SqlStore {
         Capabilities {
             durable_changes: true,
             time_index: true,
+            typed_tables: true,
         }
     }
 
@@ -913,6 +937,65 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn prepare_tables(&self, specs: &[TableSpec]) -> Result<Vec<TableFacts>> {
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The change log the triggers write to, then the tables one by one, under the same
+        // lock `prepare` takes so bridges starting together do not race on DDL.
+        let mut lock_conn = self.pool.acquire().await?;
+        match self.dialect {
+            Dialect::Postgres => {
+                lock_conn
+                    .execute("SELECT pg_advisory_lock(7252011)")
+                    .await?;
+            }
+            Dialect::Mysql => {
+                sqlx::query("SELECT GET_LOCK('syncbridge_prepare', 30)")
+                    .execute(&mut *lock_conn)
+                    .await?;
+            }
+            Dialect::Sqlite => {}
+        }
+        let result = async {
+            for sql in self.dialect.log_ddl() {
+                sqlx::query(AssertSqlSafe(sql.clone()))
+                    .execute(&self.pool)
+                    .await
+                    .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
+            }
+            let mut facts = Vec::new();
+            for spec in specs {
+                let (table, f) = typed::prepare(&self.pool, self.dialect, spec)
+                    .await
+                    .with_context(|| {
+                        format!("mapping {} onto {}", spec.collection, redact_uri(&self.uri))
+                    })?;
+                self.typed
+                    .write()
+                    .expect("typed tables lock")
+                    .insert(spec.collection.clone(), Arc::new(table));
+                facts.push(f);
+            }
+            anyhow::Ok(facts)
+        }
+        .await;
+        match self.dialect {
+            Dialect::Postgres => {
+                lock_conn
+                    .execute("SELECT pg_advisory_unlock(7252011)")
+                    .await?;
+            }
+            Dialect::Mysql => {
+                sqlx::query("SELECT RELEASE_LOCK('syncbridge_prepare')")
+                    .execute(&mut *lock_conn)
+                    .await?;
+            }
+            Dialect::Sqlite => {}
+        }
+        result
+    }
+
     async fn read(&self, collection: &str, ids: &[String]) -> Result<Vec<Slot>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
@@ -932,6 +1015,17 @@ impl Store for SqlStore {
                 .bind(self.instance_id.clone())
                 .execute(&mut *tx)
                 .await?;
+        }
+        if let Some(t) = self.typed(collection) {
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                outcomes.push(
+                    t.apply_one(self.dialect, &mut tx, &w.record, w.expected.as_deref())
+                        .await?,
+                );
+            }
+            tx.commit().await?;
+            return Ok(outcomes);
         }
         let ids: HashSet<&str> = writes.iter().map(|w| w.record.id.as_str()).collect();
         // MySQL has no UPDATE ... RETURNING to tell which rows of a batch statement applied:
@@ -959,6 +1053,9 @@ impl Store for SqlStore {
         limit: usize,
     ) -> Result<ScanPage> {
         let d = self.dialect;
+        if let Some(t) = self.typed(collection) {
+            return t.scan(d, &self.pool, since_ms, cursor, limit).await;
+        }
         let mut conds = Vec::new();
         let mut binds = Vec::new();
         if let Some(s) = since_ms {

@@ -373,9 +373,8 @@ impl TestStore {
         }
         match self.kind {
             Kind::Redis => {
-                // --no-raw prints a quoted string.
-                let text: String = serde_json::from_str(out).expect("quoted redis value");
-                Some(serde_json::from_str(&text).expect("JSON document"))
+                // --no-raw prints a quoted string, bytes outside printable ASCII as \xNN.
+                Some(serde_json::from_slice(&unquote_redis(out)).expect("JSON document"))
             }
             _ => {
                 let v: Value = serde_json::from_str(out).expect("JSON row");
@@ -403,6 +402,40 @@ impl TestStore {
         };
         out.lines().filter(|l| !l.trim().is_empty()).count()
     }
+}
+
+/// The bytes of a string as `redis-cli --no-raw` quotes it (`"..."` with C-style escapes).
+fn unquote_redis(quoted: &str) -> Vec<u8> {
+    let inner = quoted
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .expect("quoted redis value");
+    let bytes = inner.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' || i + 1 == bytes.len() {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match bytes[i + 1] {
+            b'x' => {
+                let hex = std::str::from_utf8(&bytes[i + 2..i + 4]).expect("escape");
+                out.push(u8::from_str_radix(hex, 16).expect("hex escape"));
+                i += 4;
+                continue;
+            }
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'a' => out.push(7),
+            b'b' => out.push(8),
+            other => out.push(other),
+        }
+        i += 2;
+    }
+    out
 }
 
 /// A bridge running in-process on a data directory that outlives restarts.
@@ -497,4 +530,29 @@ pub fn data_dir() -> tempfile::TempDir {
 /// The data directory's path, for configs.
 pub fn path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().to_path_buf()
+}
+
+impl TestStore {
+    /// A fresh database on the same server (MySQL/MariaDB and PostgreSQL), for tests that
+    /// need whole schemas of their own: `CREATE DATABASE` through the CLI, then a store whose
+    /// URI names it.
+    pub fn fresh_database(&self, prefix: &str) -> TestStore {
+        let name = collection(prefix);
+        let charset = if self.kind == Kind::Mysql {
+            " CHARACTER SET utf8mb4"
+        } else {
+            ""
+        };
+        self.raw(&[&format!("CREATE DATABASE {name}{charset}")]);
+        let (base, query) = match self.uri.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (self.uri.as_str(), String::new()),
+        };
+        let (server, _) = base.rsplit_once('/').expect("URI names a database");
+        TestStore {
+            kind: self.kind,
+            uri: format!("{server}/{name}{query}"),
+            _dir: self._dir.clone(),
+        }
+    }
 }

@@ -1,0 +1,1212 @@
+//! Existing typed tables: a collection kept in an application's own table, synced column by
+//! column, instead of the bridge's `(id, doc, updated_at)` table.
+//!
+//! A row becomes a JSON document field by field, by column name: the key column, every synced
+//! column, and `updatedAt` from the table's modification-time column. Every value travels as
+//! the database's own text for it (`CAST(... AS TEXT)`, hex for binary, RFC 3339 for
+//! timestamps), so nothing passes through a float or a driver's idea of a type, and the text
+//! becomes JSON by the column's [`Kind`] (the table in the README's "Sync an existing
+//! schema" section). Writing goes back the same way: JSON → text → a cast to the column's
+//! declared type, in the database. A value the column cannot hold is the database's error,
+//! which becomes [`ApplyOutcome::Rejected`] with its message (strict mode on MySQL, so nothing
+//! is truncated silently); a missing parent row is [`ApplyOutcome::Deferred`].
+//!
+//! The conditional-write guard compares every synced column's text and the time: the etag is
+//! that list, so a write made in between by anyone, whatever it changed, is seen.
+
+use super::{CHANGE_LOG, Dialect, NOTIFY_CHANNEL, TS_MARKS};
+use crate::record::{ChangeRecord, Op, canonical_hash, format_ts, parse_ts, with_updated_at};
+use crate::stores::{ApplyOutcome, Slot, StoredRecord, TableFacts, TableSpec};
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use sqlx::any::AnyRow;
+use sqlx::{Acquire, AnyPool, AssertSqlSafe, Row};
+use std::collections::BTreeMap;
+use tracing::{info, warn};
+
+/// How a column's text becomes JSON and back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Integers of any width, as JSON numbers (exact beyond 2^53: serde_json keeps 64 bits).
+    Int,
+    /// Floating point, as JSON numbers.
+    Float,
+    /// DECIMAL/NUMERIC, as strings: never through a float.
+    Decimal,
+    /// BOOLEAN, TINYINT(1).
+    Bool,
+    /// Text, ENUM, SET, UUID, DATE, TIME and anything else: the database's own text.
+    Text,
+    /// A time zone aware timestamp (PostgreSQL `timestamptz`, MySQL `TIMESTAMP`): RFC 3339 UTC.
+    Timestamp,
+    /// A timestamp without zone (`timestamp`, `DATETIME`): RFC 3339 without offset.
+    DateTime,
+    /// JSON columns: the value itself.
+    Json,
+    /// Binary: base64.
+    Blob,
+}
+
+/// One column of a typed table.
+#[derive(Debug, Clone)]
+pub(super) struct Column {
+    /// The column name (also the document field name).
+    pub name: String,
+    /// How its values map.
+    pub kind: Kind,
+    /// The declared type, for messages.
+    pub sql_type: String,
+    /// The type bound text is cast to on PostgreSQL: the declared type without its length or
+    /// precision, because an explicit cast to `varchar(n)` truncates silently while an
+    /// assignment to the column refuses an over-long value, which is what we want.
+    pub cast_type: String,
+}
+
+/// A collection mapped onto a typed table, as found in the database.
+#[derive(Debug, Clone)]
+pub(super) struct TypedTable {
+    /// The collection name (in the change log and to the engine).
+    pub collection: String,
+    /// The table name.
+    pub table: String,
+    /// The key column.
+    pub key: Column,
+    /// The modification-time column.
+    pub updated_at: Column,
+    /// The synced columns besides the key and `updated_at`.
+    pub columns: Vec<Column>,
+}
+
+/// Raw facts about one column, as the catalog gives them.
+struct CatalogColumn {
+    name: String,
+    /// Lowercase data type (`int`, `numeric`, `timestamp with time zone`, ...).
+    data_type: String,
+    /// The full declared type (`tinyint(1)`, `numeric(10,2)`, `enum('a','b')`).
+    sql_type: String,
+    /// Auto-increment, serial, identity or SQLite rowid alias.
+    auto: bool,
+    /// MySQL: `ON UPDATE CURRENT_TIMESTAMP`.
+    on_update: bool,
+    /// The primary key (SQLite: position in it).
+    primary: bool,
+    /// MariaDB JSON is LONGTEXT with a `JSON_VALID` check.
+    json_check: bool,
+}
+
+fn q(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
+/// The column's kind from its catalog type.
+fn kind_of(d: Dialect, data_type: &str, sql_type: &str) -> Kind {
+    let t = data_type.to_ascii_lowercase();
+    let full = sql_type.to_ascii_lowercase();
+    match d {
+        Dialect::Sqlite => {
+            // SQLite's affinity rules (https://sqlite.org/datatype3.html), plus the common
+            // names for booleans, decimals and JSON.
+            if t.contains("bool") {
+                Kind::Bool
+            } else if t.contains("int") {
+                Kind::Int
+            } else if t.contains("char") || t.contains("clob") || t.contains("text") {
+                Kind::Text
+            } else if t.contains("blob") {
+                Kind::Blob
+            } else if t.contains("real") || t.contains("floa") || t.contains("doub") {
+                Kind::Float
+            } else if t.contains("dec") || t.contains("num") {
+                Kind::Decimal
+            } else if t.contains("json") {
+                Kind::Json
+            } else {
+                Kind::Text
+            }
+        }
+        Dialect::Postgres => match t.as_str() {
+            "smallint" | "integer" | "bigint" => Kind::Int,
+            "numeric" => Kind::Decimal,
+            "real" | "double precision" => Kind::Float,
+            "boolean" => Kind::Bool,
+            "timestamp with time zone" => Kind::Timestamp,
+            "timestamp without time zone" => Kind::DateTime,
+            "json" | "jsonb" => Kind::Json,
+            "bytea" => Kind::Blob,
+            _ => Kind::Text,
+        },
+        Dialect::Mysql => match t.as_str() {
+            "tinyint" if full.starts_with("tinyint(1)") => Kind::Bool,
+            "bool" | "boolean" => Kind::Bool,
+            "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" => {
+                Kind::Int
+            }
+            "decimal" | "numeric" => Kind::Decimal,
+            "float" | "double" | "real" => Kind::Float,
+            "timestamp" => Kind::Timestamp,
+            "datetime" => Kind::DateTime,
+            "json" => Kind::Json,
+            "blob" | "tinyblob" | "mediumblob" | "longblob" | "binary" | "varbinary" => Kind::Blob,
+            _ => Kind::Text,
+        },
+    }
+}
+
+/// Reads the table's columns from the catalog.
+async fn catalog(pool: &AnyPool, d: Dialect, table: &str) -> Result<Vec<CatalogColumn>> {
+    let mut cols = Vec::new();
+    match d {
+        Dialect::Sqlite => {
+            let rows = sqlx::query(
+                "SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid",
+            )
+            .bind(table.to_string())
+            .fetch_all(pool)
+            .await?;
+            for r in rows {
+                let sql_type: String = r.try_get(1)?;
+                let pk: i64 = r.try_get(2)?;
+                cols.push(CatalogColumn {
+                    name: r.try_get(0)?,
+                    data_type: sql_type.clone(),
+                    // An INTEGER PRIMARY KEY is the rowid: SQLite allocates it.
+                    auto: pk == 1 && sql_type.eq_ignore_ascii_case("integer"),
+                    on_update: false,
+                    primary: pk > 0,
+                    sql_type,
+                    json_check: false,
+                });
+            }
+        }
+        Dialect::Postgres => {
+            let rows = sqlx::query(
+                "SELECT a.attname::text, format_type(a.atttypid, NULL), format_type(a.atttypid, a.atttypmod), \
+                   (a.attidentity <> '' OR coalesce(pg_get_expr(ad.adbin, ad.adrelid), '') LIKE 'nextval(%'), \
+                   coalesce(a.attnum = ANY (i.indkey), false) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+            )
+            .bind(q(table))
+            .fetch_all(pool)
+            .await?;
+            for r in rows {
+                cols.push(CatalogColumn {
+                    name: r.try_get(0)?,
+                    data_type: r.try_get(1)?,
+                    sql_type: r.try_get(2)?,
+                    auto: r.try_get(3)?,
+                    on_update: false,
+                    primary: r.try_get(4)?,
+                    json_check: false,
+                });
+            }
+        }
+        Dialect::Mysql => {
+            let rows = sqlx::query(
+                "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR), \
+                   CAST(EXTRA AS CHAR), CAST(COLUMN_KEY AS CHAR) \
+                 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                 ORDER BY ORDINAL_POSITION",
+            )
+            .bind(table.to_string())
+            .fetch_all(pool)
+            .await?;
+            // MariaDB's JSON type is LONGTEXT with a JSON_VALID check; MySQL 8 has no
+            // TABLE_NAME in this view (its JSON columns say `json` anyway).
+            let checks: Vec<String> = match sqlx::query(
+                "SELECT CAST(CHECK_CLAUSE AS CHAR) FROM information_schema.CHECK_CONSTRAINTS \
+                 WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            )
+            .bind(table.to_string())
+            .fetch_all(pool)
+            .await
+            {
+                Ok(rows) => rows
+                    .iter()
+                    .filter_map(|r| r.try_get::<String, _>(0).ok())
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            for r in rows {
+                let name: String = r.try_get(0)?;
+                let extra: String = r.try_get::<Option<String>, _>(3)?.unwrap_or_default();
+                let extra = extra.to_ascii_lowercase();
+                // The clause quotes the name as the session does (`x`, or "x" with ANSI_QUOTES).
+                let lower = name.to_ascii_lowercase();
+                let json_check = checks.iter().any(|c| {
+                    c.contains(&format!("json_valid(`{lower}`)"))
+                        || c.contains(&format!("json_valid(\"{lower}\")"))
+                });
+                cols.push(CatalogColumn {
+                    data_type: r.try_get(1)?,
+                    sql_type: r.try_get(2)?,
+                    auto: extra.contains("auto_increment"),
+                    on_update: extra.contains("on update"),
+                    primary: r.try_get::<Option<String>, _>(4)?.as_deref() == Some("PRI"),
+                    json_check,
+                    name,
+                });
+            }
+        }
+    }
+    Ok(cols)
+}
+
+/// Tables this table's foreign keys reference.
+async fn references(pool: &AnyPool, d: Dialect, table: &str) -> Result<Vec<String>> {
+    let rows = match d {
+        Dialect::Sqlite => {
+            sqlx::query("SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?1)")
+                .bind(table.to_string())
+                .fetch_all(pool)
+                .await?
+        }
+        Dialect::Postgres => {
+            sqlx::query(
+                "SELECT DISTINCT c.confrelid::regclass::text FROM pg_constraint c \
+                 WHERE c.conrelid = to_regclass($1) AND c.contype = 'f'",
+            )
+            .bind(q(table))
+            .fetch_all(pool)
+            .await?
+        }
+        Dialect::Mysql => {
+            sqlx::query(
+                "SELECT DISTINCT CAST(REFERENCED_TABLE_NAME AS CHAR) FROM information_schema.KEY_COLUMN_USAGE \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND REFERENCED_TABLE_NAME IS NOT NULL",
+            )
+            .bind(table.to_string())
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    rows.iter()
+        .map(|r| {
+            let name: String = r.try_get(0)?;
+            // regclass text may be schema-qualified or quoted.
+            let name = name.rsplit('.').next().unwrap_or(&name).trim_matches('"');
+            Ok(name.to_string())
+        })
+        .collect()
+}
+
+/// Whether the server allocates this table's keys from a range other servers do not use.
+async fn disjoint_keys(pool: &AnyPool, d: Dialect, t: &TypedTable) -> Result<bool> {
+    Ok(match d {
+        Dialect::Sqlite => false,
+        Dialect::Mysql => {
+            let step: i64 = sqlx::query("SELECT CAST(@@auto_increment_increment AS SIGNED)")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
+            step > 1
+        }
+        Dialect::Postgres => {
+            let step: Option<i64> = sqlx::query(
+                "SELECT s.increment_by FROM pg_sequences s \
+                 WHERE (s.schemaname || '.' || s.sequencename)::regclass = \
+                   pg_get_serial_sequence($1, $2)::regclass",
+            )
+            .bind(q(&t.table))
+            .bind(t.key.name.clone())
+            .fetch_optional(pool)
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.try_get(0))
+            .transpose()?;
+            step.is_some_and(|s| s.abs() > 1)
+        }
+    })
+}
+
+/// Maps `spec` onto its table: checks the columns, adds `updated_at` if asked, and installs
+/// the index and change-capture triggers. Returns the mapping and what the engine must know.
+pub(super) async fn prepare(
+    pool: &AnyPool,
+    d: Dialect,
+    spec: &TableSpec,
+) -> Result<(TypedTable, TableFacts)> {
+    let mut cols = catalog(pool, d, &spec.table).await?;
+    if cols.is_empty() {
+        return Err(fatal(format!(
+            "collection {}: table {:?} does not exist (or has no columns) in this database",
+            spec.collection,
+            spec.table
+        )));
+    }
+    if !cols.iter().any(|c| c.name == spec.updated_at) {
+        if !spec.add_updated_at {
+            return Err(fatal(format!(
+                "collection {}: table {} has no column {:?} for the modification time; name the right one \
+                 with `updated_at = \"...\"`, or set `add_updated_at = true` to let the bridge add it",
+                spec.collection,
+                spec.table,
+                spec.updated_at
+            )));
+        }
+        let (t, c) = (q(&spec.table), q(&spec.updated_at));
+        let sql = match d {
+            Dialect::Sqlite => format!(
+                "ALTER TABLE {t} ADD COLUMN {c} TEXT NOT NULL DEFAULT '{SQLITE_UNSTAMPED}'"
+            ),
+            Dialect::Postgres => format!(
+                "ALTER TABLE {t} ADD COLUMN {c} TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()"
+            ),
+            Dialect::Mysql => format!(
+                "ALTER TABLE {t} ADD COLUMN {c} TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) \
+                 ON UPDATE CURRENT_TIMESTAMP(3)"
+            ),
+        };
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .with_context(|| format!("adding {} to {}", spec.updated_at, spec.table))?;
+        info!(table = %spec.table, column = %spec.updated_at, "added the modification-time column");
+        cols = catalog(pool, d, &spec.table).await?;
+    }
+    let find = |name: &str| cols.iter().find(|c| c.name == name);
+    let to_column = |c: &CatalogColumn| Column {
+        name: c.name.clone(),
+        kind: if c.json_check {
+            Kind::Json
+        } else {
+            kind_of(d, &c.data_type, &c.sql_type)
+        },
+        sql_type: c.sql_type.clone(),
+        cast_type: c.data_type.clone(),
+    };
+    let key = find(&spec.key).ok_or_else(|| {
+        fatal(format!(
+            "collection {}: table {} has no key column {:?}",
+            spec.collection, spec.table, spec.key
+        ))
+    })?;
+    if !key.primary {
+        warn!(table = %spec.table, column = %spec.key, "the key column is not the primary key: make sure it is unique");
+    }
+    let upd = find(&spec.updated_at).expect("checked above");
+    let upd_col = to_column(upd);
+    let ts_ok = match d {
+        Dialect::Sqlite => true,
+        _ => matches!(upd_col.kind, Kind::Timestamp | Kind::DateTime),
+    };
+    if !ts_ok {
+        return Err(fatal(format!(
+            "collection {}: {}.{} is {}, not a timestamp column",
+            spec.collection,
+            spec.table,
+            spec.updated_at,
+            upd.sql_type
+        )));
+    }
+    if d == Dialect::Mysql && !upd.on_update {
+        warn!(
+            table = %spec.table, column = %spec.updated_at,
+            "no ON UPDATE CURRENT_TIMESTAMP: an application UPDATE that does not set it looks unchanged in time"
+        );
+    }
+    if d == Dialect::Mysql && !upd.sql_type.contains('(') {
+        warn!(
+            table = %spec.table, column = %spec.updated_at,
+            "whole-second timestamps: edits within one second tie, decided by content hash"
+        );
+    }
+    let mut columns = Vec::new();
+    match &spec.columns {
+        Some(names) => {
+            for n in names {
+                let c = find(n).ok_or_else(|| {
+                    fatal(format!(
+                        "collection {}: table {} has no column {n:?}",
+                        spec.collection, spec.table
+                    ))
+                })?;
+                if c.name != spec.key && c.name != spec.updated_at {
+                    columns.push(to_column(c));
+                }
+            }
+        }
+        None => {
+            for c in &cols {
+                if c.name != spec.key && c.name != spec.updated_at {
+                    columns.push(to_column(c));
+                }
+            }
+        }
+    }
+    let table = TypedTable {
+        collection: spec.collection.clone(),
+        table: spec.table.clone(),
+        key: to_column(key),
+        updated_at: upd_col,
+        columns,
+    };
+    for sql in capture_ddl(d, &table) {
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .execute(pool)
+            .await
+            .with_context(|| format!("installing change capture on {}: {sql}", spec.table))?;
+    }
+    if d == Dialect::Mysql {
+        ensure_mysql_index(pool, &table).await?;
+    }
+    let facts = TableFacts {
+        collection: spec.collection.clone(),
+        references: references(pool, d, &spec.table).await?,
+        auto_increment: key.auto,
+        disjoint_keys: key.auto && disjoint_keys(pool, d, &table).await?,
+    };
+    info!(collection = %table.collection, table = %table.table, columns = table.columns.len(), "typed table mapped");
+    Ok((table, facts))
+}
+
+/// A mapping error no wait can fix (a missing table or column): the bridge exits with it.
+fn fatal(msg: String) -> anyhow::Error {
+    crate::stores::Fatal(msg).into()
+}
+
+/// The value a SQLite `updated_at` added by the bridge starts with; the insert trigger
+/// stamps rows the application inserts without one.
+const SQLITE_UNSTAMPED: &str = "1970-01-01T00:00:00.000Z";
+
+/// MySQL 8 has no `CREATE INDEX IF NOT EXISTS`: look first.
+async fn ensure_mysql_index(pool: &AnyPool, t: &TypedTable) -> Result<()> {
+    let found = sqlx::query(
+        "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() \
+         AND TABLE_NAME = ? AND COLUMN_NAME = ? AND SEQ_IN_INDEX = 1 LIMIT 1",
+    )
+    .bind(t.table.clone())
+    .bind(t.updated_at.name.clone())
+    .fetch_optional(pool)
+    .await?;
+    if found.is_none() {
+        let sql = format!(
+            "CREATE INDEX {} ON {} ({}, {})",
+            q(&format!("_syncbridge_{}_updated_at", t.collection)),
+            q(&t.table),
+            q(&t.updated_at.name),
+            q(&t.key.name)
+        );
+        sqlx::query(AssertSqlSafe(sql)).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// The index by time (so sweeps cost what changed) and the triggers that fill the change log
+/// and stamp UPDATEs that leave the time alone.
+fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
+    let (c, table, key, upd) = (&t.collection, q(&t.table), q(&t.key.name), q(&t.updated_at.name));
+    let idx = q(&format!("_syncbridge_{c}_updated_at"));
+    match d {
+        Dialect::Sqlite => vec![
+            format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} BEGIN \
+                 UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
+                   WHERE {key} = NEW.{key} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
+                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); END"
+            ),
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
+                 INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); END"
+            ),
+            // As for the bridge's own tables: an UPDATE that does not assign the time gets
+            // the current one, or last-writer-wins could take the edit for a stale copy.
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} BEGIN \
+                 UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
+                   WHERE {key} = NEW.{key} AND NEW.{upd} IS OLD.{upd} \
+                   AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = CAST(NEW.{key} AS TEXT)); \
+                 DELETE FROM {TS_MARKS} WHERE collection = '{c}' AND id = CAST(NEW.{key} AS TEXT); \
+                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); \
+                 INSERT INTO {CHANGE_LOG}(collection, id) SELECT '{c}', CAST(OLD.{key} AS TEXT) WHERE OLD.{key} IS NOT NEW.{key}; END"
+            ),
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} BEGIN \
+                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(OLD.{key} AS TEXT)); END"
+            ),
+        ],
+        Dialect::Postgres => {
+            let cap = q(&format!("_syncbridge_capture_{c}"));
+            let mark = q(&format!("_syncbridge_mark_{c}"));
+            let stamp = q(&format!("_syncbridge_stamp_{c}"));
+            vec![
+                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
+                format!(
+                    "CREATE OR REPLACE FUNCTION {cap}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                     DECLARE o TEXT := nullif(current_setting('syncbridge.origin', true), '');
+                     BEGIN
+                       IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.{key} IS DISTINCT FROM NEW.{key}) THEN
+                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES ('{c}', OLD.{key}::text, o);
+                       END IF;
+                       IF TG_OP <> 'DELETE' THEN
+                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES ('{c}', NEW.{key}::text, o);
+                       END IF;
+                       PERFORM pg_notify('{NOTIFY_CHANNEL}', '{c}');
+                       RETURN NULL;
+                     END $fn$"
+                ),
+                format!(
+                    "CREATE OR REPLACE FUNCTION {mark}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                     BEGIN
+                       PERFORM set_config('syncbridge.ts_assigned', NEW.{key}::text, true);
+                       RETURN NEW;
+                     END $fn$"
+                ),
+                format!(
+                    "CREATE OR REPLACE FUNCTION {stamp}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                     DECLARE assigned BOOLEAN := coalesce(current_setting('syncbridge.ts_assigned', true), '') = NEW.{key}::text;
+                     BEGIN
+                       PERFORM set_config('syncbridge.ts_assigned', '', true);
+                       IF NOT assigned AND NEW.{upd} IS NOT DISTINCT FROM OLD.{upd}
+                          AND to_jsonb(NEW) IS DISTINCT FROM to_jsonb(OLD) THEN
+                         NEW.{upd} := clock_timestamp();
+                       END IF;
+                       RETURN NEW;
+                     END $fn$"
+                ),
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_capture\" AFTER INSERT OR UPDATE OR DELETE \
+                     ON {table} FOR EACH ROW EXECUTE FUNCTION {cap}()"
+                ),
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_mark\" BEFORE UPDATE OF {upd} \
+                     ON {table} FOR EACH ROW EXECUTE FUNCTION {mark}()"
+                ),
+                format!(
+                    "CREATE OR REPLACE TRIGGER \"_syncbridge_stamp\" BEFORE UPDATE \
+                     ON {table} FOR EACH ROW EXECUTE FUNCTION {stamp}()"
+                ),
+            ]
+        }
+        // Stamping is the column's own ON UPDATE CURRENT_TIMESTAMP.
+        Dialect::Mysql => vec![
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} \
+                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                 VALUES ('{c}', CAST(NEW.{key} AS CHAR), @syncbridge_origin)"
+            ),
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} \
+                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                 SELECT '{c}', CAST(NEW.{key} AS CHAR), @syncbridge_origin \
+                 UNION ALL SELECT '{c}', CAST(OLD.{key} AS CHAR), @syncbridge_origin FROM DUAL \
+                 WHERE NOT (OLD.{key} <=> NEW.{key})"
+            ),
+            format!(
+                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} \
+                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
+                 VALUES ('{c}', CAST(OLD.{key} AS CHAR), @syncbridge_origin)"
+            ),
+        ],
+    }
+}
+
+/// A column's value as exact text, in SQL.
+fn read_expr(d: Dialect, c: &Column) -> String {
+    let n = q(&c.name);
+    match (d, c.kind) {
+        (Dialect::Sqlite, Kind::Blob) => format!("hex({n})"),
+        (Dialect::Sqlite, _) => format!("CAST({n} AS TEXT)"),
+        (Dialect::Postgres, Kind::Blob) => format!("encode({n}, 'hex')"),
+        (Dialect::Postgres, Kind::Timestamp) => {
+            format!("to_char({n} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        }
+        (Dialect::Postgres, Kind::DateTime) => {
+            format!("to_char({n}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')")
+        }
+        (Dialect::Postgres, _) => format!("{n}::text"),
+        (Dialect::Mysql, Kind::Blob) => format!("HEX({n})"),
+        // Sessions run in UTC, so a TIMESTAMP reads back as UTC.
+        (Dialect::Mysql, Kind::Timestamp) => format!("DATE_FORMAT({n}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
+        (Dialect::Mysql, Kind::DateTime) => format!("DATE_FORMAT({n}, '%Y-%m-%dT%H:%i:%s.%f')"),
+        (Dialect::Mysql, _) => format!("CAST({n} AS CHAR)"),
+    }
+}
+
+/// The modification time as RFC 3339 UTC text (a zoneless column is read as UTC).
+fn ts_expr(d: Dialect, c: &Column) -> String {
+    let n = q(&c.name);
+    match d {
+        Dialect::Sqlite => n,
+        Dialect::Postgres if c.kind == Kind::DateTime => {
+            format!("to_char({n}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        }
+        Dialect::Mysql => format!("DATE_FORMAT({n}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
+        Dialect::Postgres => read_expr(d, c),
+    }
+}
+
+/// Placeholders, numbered as the statement goes (MySQL's are positional anyway).
+struct Params {
+    d: Dialect,
+    n: usize,
+    binds: Vec<Option<String>>,
+}
+
+impl Params {
+    fn new(d: Dialect) -> Params {
+        Params {
+            d,
+            n: 0,
+            binds: Vec::new(),
+        }
+    }
+
+    fn raw(&mut self, value: Option<String>) -> String {
+        self.n += 1;
+        self.binds.push(value);
+        self.d.p(self.n)
+    }
+
+    /// A value for column `c`, cast to its type in the database.
+    fn value(&mut self, c: &Column, value: Option<String>) -> String {
+        let p = self.raw(value);
+        match (self.d, c.kind) {
+            (Dialect::Sqlite, Kind::Blob) => format!("unhex({p})"),
+            (Dialect::Sqlite, _) => p,
+            (Dialect::Postgres, Kind::Blob) => format!("decode({p}, 'hex')"),
+            (Dialect::Postgres, _) => format!("CAST({p} AS {})", c.cast_type),
+            (Dialect::Mysql, Kind::Blob) => format!("UNHEX({p})"),
+            (Dialect::Mysql, _) => p,
+        }
+    }
+
+    /// A modification time (RFC 3339 UTC text) for column `c`.
+    fn ts(&mut self, c: &Column, ts: String) -> String {
+        let p = self.raw(Some(ts));
+        match self.d {
+            Dialect::Sqlite => p,
+            Dialect::Postgres if c.kind == Kind::DateTime => format!("CAST({p} AS timestamp)"),
+            Dialect::Postgres => format!("CAST({p} AS timestamptz)"),
+            Dialect::Mysql => format!("STR_TO_DATE({p}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
+        }
+    }
+
+    fn query(self, sql: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for b in self.binds {
+            query = query.bind(b);
+        }
+        query
+    }
+}
+
+/// A column's text as JSON.
+fn to_json(kind: Kind, text: &str) -> std::result::Result<Value, String> {
+    Ok(match kind {
+        Kind::Int => {
+            if let Ok(i) = text.parse::<i64>() {
+                Value::from(i)
+            } else if let Ok(u) = text.parse::<u64>() {
+                Value::from(u)
+            } else {
+                return Err(format!("{text:?} is not an integer"));
+            }
+        }
+        Kind::Float => {
+            let f: f64 = text
+                .parse()
+                .map_err(|_| format!("{text:?} is not a number"))?;
+            serde_json::Number::from_f64(f)
+                .map(Value::Number)
+                .ok_or_else(|| format!("{text:?} has no JSON form"))?
+        }
+        Kind::Bool => match text {
+            "1" | "t" | "true" => Value::Bool(true),
+            "0" | "f" | "false" => Value::Bool(false),
+            other => return Err(format!("{other:?} is not a boolean")),
+        },
+        Kind::Json => serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?,
+        Kind::Blob => {
+            let bytes = hex::decode(text).map_err(|e| format!("bad hex from the database: {e}"))?;
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        Kind::Decimal | Kind::Text | Kind::Timestamp | Kind::DateTime => {
+            Value::String(text.to_string())
+        }
+    })
+}
+
+/// A document field as the text the database casts into column `c`; `Err` says why the
+/// value cannot go there.
+fn from_json(d: Dialect, c: &Column, v: &Value) -> std::result::Result<Option<String>, String> {
+    let bad = |what: &str| Err(format!("column {} ({}) cannot hold {what}", c.name, c.sql_type));
+    Ok(Some(match (c.kind, v) {
+        (_, Value::Null) => return Ok(None),
+        (Kind::Int, Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        (Kind::Int, Value::String(s)) if s.parse::<i64>().is_ok() || s.parse::<u64>().is_ok() => {
+            s.clone()
+        }
+        (Kind::Int, _) => return bad(&format!("{v}: not an integer")),
+        (Kind::Float | Kind::Decimal, Value::Number(n)) => n.to_string(),
+        (Kind::Float | Kind::Decimal, Value::String(s)) if s.trim().parse::<f64>().is_ok() => {
+            s.trim().to_string()
+        }
+        (Kind::Float | Kind::Decimal, _) => return bad(&format!("{v}: not a number")),
+        (Kind::Bool, Value::Bool(b)) => match (d, b) {
+            (Dialect::Postgres, b) => b.to_string(),
+            (_, true) => "1".into(),
+            (_, false) => "0".into(),
+        },
+        (Kind::Bool, _) => return bad(&format!("{v}: not a boolean")),
+        (Kind::Json, v) => v.to_string(),
+        (Kind::Blob, Value::String(s)) => match base64::engine::general_purpose::STANDARD.decode(s)
+        {
+            Ok(bytes) => hex::encode(bytes),
+            Err(_) => return bad("a string that is not base64"),
+        },
+        (Kind::Blob, _) => return bad(&format!("{v}: binary columns take base64 strings")),
+        (Kind::Timestamp | Kind::DateTime, Value::String(s)) => match timestamp_text(s) {
+            Some(t) => t,
+            None => return bad(&format!("{s:?}: not an RFC 3339 timestamp")),
+        },
+        (Kind::Timestamp | Kind::DateTime, _) => return bad(&format!("{v}: not a timestamp")),
+        (Kind::Text, Value::String(s)) => s.clone(),
+        (Kind::Text, Value::Number(n)) => n.to_string(),
+        (Kind::Text, Value::Bool(b)) => b.to_string(),
+        (Kind::Text, _) => return bad("an object or array"),
+    }))
+}
+
+/// RFC 3339 (any offset) or a zoneless `YYYY-MM-DD[T ]HH:MM:SS[.f]` (taken as UTC), as the
+/// `YYYY-MM-DD HH:MM:SS.ffffff` UTC text every SQL dialect reads.
+fn timestamp_text(s: &str) -> Option<String> {
+    let naive = chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.naive_utc())
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f"))
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
+        .ok()?;
+    Some(naive.format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+}
+
+/// How a failed statement ends for the record, if it is the record's fault.
+fn classify(e: &sqlx::Error) -> Option<ApplyOutcome> {
+    use sqlx::error::ErrorKind;
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    let msg = db.message().to_string();
+    let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+    let mysql_number = db
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(|m| m.number());
+    match db.kind() {
+        ErrorKind::ForeignKeyViolation => Some(ApplyOutcome::Deferred(format!(
+            "waiting for a row it references (or that references it): {msg}"
+        ))),
+        ErrorKind::NotNullViolation | ErrorKind::CheckViolation => {
+            Some(ApplyOutcome::Rejected(msg))
+        }
+        // SQLSTATE class 22: data exception (too long, out of range, bad value for the type
+        // or enum); MySQL strict mode reports some of its own under other classes.
+        _ if code.starts_with("22") => Some(ApplyOutcome::Rejected(msg)),
+        _ if matches!(
+            mysql_number,
+            Some(1048 | 1263 | 1264 | 1265 | 1292 | 1366 | 1406 | 1452 | 1451 | 4025)
+        ) =>
+        {
+            if matches!(mysql_number, Some(1451 | 1452)) {
+                Some(ApplyOutcome::Deferred(msg))
+            } else {
+                Some(ApplyOutcome::Rejected(msg))
+            }
+        }
+        // SQLite reports type mismatches on STRICT tables as SQLITE_CONSTRAINT_DATATYPE.
+        _ if code == "3091" => Some(ApplyOutcome::Rejected(msg)),
+        _ => None,
+    }
+}
+
+impl TypedTable {
+    fn select_list(&self, d: Dialect) -> String {
+        let mut cols = vec![
+            format!("{} AS id", read_expr(d, &self.key)),
+            format!("{} AS ts", ts_expr(d, &self.updated_at)),
+        ];
+        cols.extend(self.columns.iter().map(|c| read_expr(d, c)));
+        cols.join(", ")
+    }
+
+    /// Whether `id` can be a key of this table at all (an id "abc" cannot be an integer
+    /// key: such a record is absent, and a write of it is refused).
+    fn key_text(&self, d: Dialect, id: &str) -> std::result::Result<String, String> {
+        from_json(d, &self.key, &Value::String(id.to_string()))?
+            .ok_or_else(|| "an empty key".to_string())
+    }
+
+    /// A row as a slot.
+    fn row_slot(&self, row: &AnyRow) -> Result<(String, Slot, Vec<Option<String>>)> {
+        let id: String = row.try_get(0)?;
+        let ts: Option<String> = row.try_get(1)?;
+        let mut texts: Vec<Option<String>> = vec![ts.clone()];
+        let mut doc = Map::new();
+        let mut problem = None;
+        match to_json(self.key.kind, &id) {
+            Ok(v) => {
+                doc.insert(self.key.name.clone(), v);
+            }
+            Err(e) => problem = Some(format!("key {}: {e}", self.key.name)),
+        }
+        for (i, c) in self.columns.iter().enumerate() {
+            let text: Option<String> = row.try_get(i + 2)?;
+            let value = match &text {
+                None => Value::Null,
+                Some(t) => match to_json(c.kind, t) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        problem.get_or_insert(format!("column {}: {e}", c.name));
+                        Value::Null
+                    }
+                },
+            };
+            doc.insert(c.name.clone(), value);
+            texts.push(text);
+        }
+        let Some(ms) = ts.as_deref().and_then(parse_ts) else {
+            let slot = Slot::Invalid(format!(
+                "{}.{} {ts:?} is not an RFC 3339 timestamp (SQLite tables keep it as \
+                 strftime('%Y-%m-%dT%H:%M:%fZ') text)",
+                self.table, self.updated_at.name
+            ));
+            return Ok((id, slot, texts));
+        };
+        if let Some(p) = problem {
+            return Ok((id, Slot::Invalid(p), texts));
+        }
+        let etag = serde_json::to_string(&texts).expect("strings serialize");
+        let slot = Slot::Present(StoredRecord {
+            id: id.clone(),
+            doc: with_updated_at(Value::Object(doc), ms),
+            updated_at_ms: Some(ms),
+            etag,
+        });
+        Ok((id, slot, texts))
+    }
+
+    /// Reads these ids, one slot each, in order.
+    pub(super) async fn read<'e, E>(&self, d: Dialect, exec: E, ids: &[String]) -> Result<Vec<Slot>>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let mut p = Params::new(d);
+        let mut placeholders = Vec::new();
+        for id in ids {
+            if let Ok(k) = self.key_text(d, id) {
+                placeholders.push(p.value(&self.key, Some(k)));
+            }
+        }
+        let mut found: BTreeMap<String, Slot> = BTreeMap::new();
+        if !placeholders.is_empty() {
+            let sql = format!(
+                "SELECT {} FROM {} WHERE {} IN ({})",
+                self.select_list(d),
+                q(&self.table),
+                q(&self.key.name),
+                placeholders.join(",")
+            );
+            for row in p.query(sql).fetch_all(exec).await? {
+                let (id, slot, _) = self.row_slot(&row)?;
+                found.insert(id, slot);
+            }
+        }
+        Ok(ids
+            .iter()
+            .map(|id| found.remove(id).unwrap_or(Slot::Absent))
+            .collect())
+    }
+
+    /// One page of rows changed at or after `since_ms`, in `(updated_at, key)` order.
+    pub(super) async fn scan(
+        &self,
+        d: Dialect,
+        pool: &AnyPool,
+        since_ms: Option<i64>,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<crate::stores::ScanPage> {
+        let (upd, key) = (q(&self.updated_at.name), q(&self.key.name));
+        let mut p = Params::new(d);
+        let mut conds = Vec::new();
+        if let Some(s) = since_ms {
+            conds.push(format!("{upd} >= {}", p.ts(&self.updated_at, format_ts(s))));
+        }
+        if let Some((ts, id)) = cursor.as_deref().and_then(|c| c.split_once('\n')) {
+            let t1 = p.ts(&self.updated_at, ts.to_string());
+            let t2 = p.ts(&self.updated_at, ts.to_string());
+            let k = p.value(&self.key, Some(id.to_string()));
+            conds.push(format!("({upd} > {t1} OR ({upd} = {t2} AND {key} > {k}))"));
+        }
+        let sql = format!(
+            "SELECT {} FROM {} {} ORDER BY {upd}, {key} LIMIT {}",
+            self.select_list(d),
+            q(&self.table),
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", conds.join(" AND "))
+            },
+            limit.max(1)
+        );
+        let rows = p.query(sql).fetch_all(pool).await?;
+        let mut page = crate::stores::ScanPage::default();
+        let full = rows.len() >= limit.max(1);
+        let mut last = None;
+        for row in rows {
+            let (id, slot, texts) = self.row_slot(&row)?;
+            match slot {
+                Slot::Present(r) => {
+                    // The cursor carries the time at the database's full precision.
+                    let ts = texts[0].clone().unwrap_or_default();
+                    last = Some(format!("{ts}\n{id}"));
+                    page.records.push(r);
+                }
+                Slot::Invalid(reason) => {
+                    let ts = texts[0].clone().unwrap_or_default();
+                    last = Some(format!("{ts}\n{id}"));
+                    page.invalid.push((id, reason));
+                }
+                Slot::Absent => {}
+            }
+        }
+        page.next = if full { last } else { None };
+        Ok(page)
+    }
+
+    /// The guard of a conditional write: the row still holds exactly what the etag says.
+    fn guard(&self, d: Dialect, p: &mut Params, etag: &str) -> Result<String> {
+        let texts: Vec<Option<String>> =
+            serde_json::from_str(etag).context("malformed etag for a typed table")?;
+        if texts.len() != self.columns.len() + 1 {
+            bail!("stale etag: the table's columns changed since it was read");
+        }
+        let mut exprs = vec![ts_expr(d, &self.updated_at)];
+        exprs.extend(self.columns.iter().map(|c| read_expr(d, c)));
+        Ok(exprs
+            .into_iter()
+            .zip(texts)
+            .map(|(e, t)| {
+                let ph = p.raw(t);
+                match d {
+                    Dialect::Sqlite => format!("{e} IS {ph}"),
+                    Dialect::Postgres => format!("{e} IS NOT DISTINCT FROM {ph}"),
+                    // Byte for byte: the default collations ignore case and trailing spaces.
+                    Dialect::Mysql => format!("CAST({e} AS BINARY) <=> CAST({ph} AS BINARY)"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" AND "))
+    }
+
+    /// The column texts of a document to write, or why it cannot be written here.
+    fn values(&self, d: Dialect, doc: &Value) -> std::result::Result<Vec<Option<String>>, String> {
+        let Value::Object(fields) = doc else {
+            return Err("the document is not an object".into());
+        };
+        for name in fields.keys() {
+            if name != "updatedAt"
+                && name != &self.key.name
+                && !self.columns.iter().any(|c| &c.name == name)
+            {
+                return Err(format!(
+                    "field {name:?} has no column in table {} (synced columns: {})",
+                    self.table,
+                    self.columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        self.columns
+            .iter()
+            .map(|c| from_json(d, c, fields.get(&c.name).unwrap_or(&Value::Null)))
+            .collect()
+    }
+
+    /// Applies one conditional write in its own savepoint, so a refused value does not
+    /// abort the rest of the batch (PostgreSQL aborts a transaction at its first error).
+    pub(super) async fn apply_one(
+        &self,
+        d: Dialect,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        record: &ChangeRecord,
+        expected: Option<&str>,
+    ) -> Result<ApplyOutcome> {
+        let key = match self.key_text(d, &record.id) {
+            Ok(k) => k,
+            Err(e) => return Ok(ApplyOutcome::Rejected(format!("id {:?}: {e}", record.id))),
+        };
+        let (t, kq) = (q(&self.table), q(&self.key.name));
+        let mut p = Params::new(d);
+        let sql = match (&record.doc, record.op, expected) {
+            (Some(doc), Op::Upsert, expected) => {
+                let values = match self.values(d, doc) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(ApplyOutcome::Rejected(e)),
+                };
+                match expected {
+                    None => {
+                        let mut names = vec![kq.clone()];
+                        let mut exprs = vec![p.value(&self.key, Some(key.clone()))];
+                        for (c, v) in self.columns.iter().zip(values) {
+                            names.push(q(&c.name));
+                            exprs.push(p.value(c, v));
+                        }
+                        names.push(q(&self.updated_at.name));
+                        exprs.push(p.ts(&self.updated_at, format_ts(record.updated_at_ms)));
+                        format!(
+                            "INSERT INTO {t} ({}) VALUES ({})",
+                            names.join(", "),
+                            exprs.join(", ")
+                        )
+                    }
+                    Some(etag) => {
+                        let mut sets = Vec::new();
+                        for (c, v) in self.columns.iter().zip(values) {
+                            sets.push(format!("{} = {}", q(&c.name), p.value(c, v)));
+                        }
+                        sets.push(format!(
+                            "{} = {}",
+                            q(&self.updated_at.name),
+                            p.ts(&self.updated_at, format_ts(record.updated_at_ms))
+                        ));
+                        let k = p.value(&self.key, Some(key.clone()));
+                        let guard = self.guard(d, &mut p, etag)?;
+                        format!("UPDATE {t} SET {} WHERE {kq} = {k} AND {guard}", sets.join(", "))
+                    }
+                }
+            }
+            (_, _, Some(etag)) => {
+                let k = p.value(&self.key, Some(key.clone()));
+                let guard = self.guard(d, &mut p, etag)?;
+                format!("DELETE FROM {t} WHERE {kq} = {k} AND {guard}")
+            }
+            (_, _, None) => String::new(),
+        };
+        let mut affected = 0;
+        let mut duplicate = false;
+        if !sql.is_empty() {
+            let mut sp = tx.begin().await?;
+            match p.query(sql).execute(&mut *sp).await {
+                Ok(done) => {
+                    affected = done.rows_affected();
+                    sp.commit().await?;
+                }
+                Err(e) => {
+                    sp.rollback().await?;
+                    if let sqlx::Error::Database(db) = &e
+                        && db.kind() == sqlx::error::ErrorKind::UniqueViolation
+                    {
+                        duplicate = true;
+                    } else if let Some(outcome) = classify(&e) {
+                        return Ok(outcome);
+                    } else {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        if affected >= 1 {
+            return Ok(ApplyOutcome::Applied);
+        }
+        // Not applied: the store already holds the result (a replay), or it moved on.
+        let current = self
+            .read(d, &mut **tx, std::slice::from_ref(&record.id))
+            .await?
+            .pop()
+            .unwrap_or(Slot::Absent);
+        Ok(match (current, &record.doc, record.op) {
+            (Slot::Absent, _, Op::Delete) => ApplyOutcome::Unchanged,
+            (Slot::Absent, _, _) if duplicate => ApplyOutcome::Rejected(format!(
+                "a unique column of {} already holds one of this row's values",
+                self.table
+            )),
+            (Slot::Present(cur), Some(doc), Op::Upsert)
+                if canonical_hash(&cur.doc) == canonical_hash(doc) =>
+            {
+                ApplyOutcome::Unchanged
+            }
+            _ => ApplyOutcome::Conflict,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(kind: Kind) -> Column {
+        Column {
+            name: "c".into(),
+            kind,
+            sql_type: "t".into(),
+            cast_type: "t".into(),
+        }
+    }
+
+    #[test]
+    fn values_round_trip_through_their_text() {
+        let cases: &[(Kind, &str, Value)] = &[
+            (Kind::Int, "9007199254740993", serde_json::json!(9007199254740993_i64)),
+            (Kind::Int, "18446744073709551615", serde_json::json!(u64::MAX)),
+            (Kind::Decimal, "250.10", serde_json::json!("250.10")),
+            (Kind::Bool, "1", Value::Bool(true)),
+            (Kind::Json, "{\"a\":[1,2]}", serde_json::json!({"a": [1, 2]})),
+            (Kind::Blob, "00FF10", serde_json::json!("AP8Q")),
+            (Kind::Text, "pending", serde_json::json!("pending")),
+        ];
+        for (kind, text, json) in cases {
+            assert_eq!(&to_json(*kind, text).unwrap(), json, "{kind:?} {text}");
+            let back = from_json(Dialect::Mysql, &col(*kind), json).unwrap().unwrap();
+            let again = to_json(*kind, &back.to_uppercase()).unwrap_or(Value::Null);
+            if *kind != Kind::Text && *kind != Kind::Json {
+                assert_eq!(&again, json, "{kind:?} {back}");
+            }
+        }
+        assert_eq!(from_json(Dialect::Mysql, &col(Kind::Int), &Value::Null), Ok(None));
+    }
+
+    #[test]
+    fn values_a_column_cannot_hold_are_refused_with_the_reason() {
+        let e = from_json(Dialect::Postgres, &col(Kind::Int), &serde_json::json!("abc")).unwrap_err();
+        assert!(e.contains("not an integer"), "{e}");
+        assert!(from_json(Dialect::Mysql, &col(Kind::Decimal), &serde_json::json!({"a": 1})).is_err());
+        assert!(from_json(Dialect::Mysql, &col(Kind::Blob), &serde_json::json!("%%%")).is_err());
+        assert!(from_json(Dialect::Mysql, &col(Kind::Timestamp), &serde_json::json!("yesterday")).is_err());
+        assert!(from_json(Dialect::Mysql, &col(Kind::Text), &serde_json::json!([1])).is_err());
+    }
+
+    #[test]
+    fn timestamps_are_normalized_to_utc() {
+        assert_eq!(
+            timestamp_text("2026-11-25T10:00:00.5+01:00").unwrap(),
+            "2026-11-25 09:00:00.500000"
+        );
+        assert_eq!(
+            timestamp_text("2026-11-25T10:00:00").unwrap(),
+            "2026-11-25 10:00:00.000000"
+        );
+        assert!(timestamp_text("25/11/2026").is_none());
+    }
+
+    #[test]
+    fn catalog_types_map_to_kinds() {
+        assert_eq!(kind_of(Dialect::Mysql, "tinyint", "tinyint(1)"), Kind::Bool);
+        assert_eq!(kind_of(Dialect::Mysql, "tinyint", "tinyint(4)"), Kind::Int);
+        assert_eq!(kind_of(Dialect::Mysql, "decimal", "decimal(10,2)"), Kind::Decimal);
+        assert_eq!(kind_of(Dialect::Mysql, "enum", "enum('a','b')"), Kind::Text);
+        assert_eq!(kind_of(Dialect::Postgres, "numeric", "numeric(10,2)"), Kind::Decimal);
+        assert_eq!(kind_of(Dialect::Postgres, "timestamp with time zone", "x"), Kind::Timestamp);
+        assert_eq!(kind_of(Dialect::Sqlite, "INTEGER", "INTEGER"), Kind::Int);
+        assert_eq!(kind_of(Dialect::Sqlite, "VARCHAR(20)", "VARCHAR(20)"), Kind::Text);
+        assert_eq!(kind_of(Dialect::Sqlite, "DECIMAL(10,2)", "DECIMAL(10,2)"), Kind::Decimal);
+    }
+}

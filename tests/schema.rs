@@ -1,0 +1,300 @@
+//! End-to-end on an application's own typed schema: the offline-shop pattern (`users` and
+//! `orders` with a foreign key, a DECIMAL amount, an ENUM status, `ON UPDATE
+//! CURRENT_TIMESTAMP`), a local `db_a` and a central `db_b` in MariaDB, and again with
+//! PostgreSQL as the central side. Every write goes through the `mysql`/`psql` CLIs, as the
+//! application's own SQL; the bridge is configured with `table`/`key`/`updated_at` only.
+//! Then every column type, SQL → Redis → SQL.
+
+mod common;
+
+use common::{Kind, TestBridge, TestStore, config, data_dir, eventually, path};
+use serde_json::{Value, json};
+use syncbridge::config::{CollectionConfig, Config, KeyAllocation};
+use syncbridge::engine::policy::Mode;
+
+/// The seed's schema, MariaDB flavour. `note` is shorter on the central side so that a row
+/// the target cannot hold exists.
+fn mysql_schema(note_len: usize) -> String {
+    format!(
+        "CREATE TABLE users (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(50) NOT NULL, \
+           email VARCHAR(100), active TINYINT(1) NOT NULL DEFAULT 1, \
+           updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3)); \
+         CREATE TABLE orders (id INT AUTO_INCREMENT PRIMARY KEY, user_id INT NOT NULL, \
+           amount DECIMAL(10,2) NOT NULL, status ENUM('pending','paid','shipped') NOT NULL DEFAULT 'pending', \
+           note VARCHAR({note_len}), \
+           updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
+           FOREIGN KEY (user_id) REFERENCES users(id))"
+    )
+}
+
+/// The same schema in PostgreSQL: an enum type, numeric, boolean, timestamptz.
+const PG_SCHEMA: &str = "CREATE TYPE order_status AS ENUM ('pending','paid','shipped'); \
+     CREATE TABLE users (id INT PRIMARY KEY, name VARCHAR(50) NOT NULL, email VARCHAR(100), \
+       active BOOLEAN NOT NULL DEFAULT true, updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now()); \
+     CREATE TABLE orders (id INT PRIMARY KEY, user_id INT NOT NULL REFERENCES users(id), \
+       amount NUMERIC(10,2) NOT NULL, status order_status NOT NULL DEFAULT 'pending', note VARCHAR(10), \
+       updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now())";
+
+fn shop_config(local: &TestStore, cloud: &TestStore, dir: &std::path::Path) -> Config {
+    let mut cfg = config(local, cloud, &["users", "orders"], Mode::Both, dir);
+    cfg.collections = ["users", "orders"]
+        .into_iter()
+        .map(|name| CollectionConfig {
+            name: name.into(),
+            table: Some(name.into()),
+            key: vec!["id".into()],
+            updated_at: "updated_at".into(),
+            // The seed pattern: the shop's local database allocates ids, the central one
+            // receives them.
+            key_allocation: Some(KeyAllocation::Local),
+            ..Default::default()
+        })
+        .collect();
+    cfg.sync.retry_max_attempts = 2;
+    cfg.sync.retry_base_ms = 100;
+    cfg.sync.retry_max_secs = 1;
+    cfg
+}
+
+/// One column of one row, as the CLI prints it (`None`: no such row).
+fn cell(store: &TestStore, sql: &str) -> Option<String> {
+    let out = store.raw(&[sql]);
+    let line = out.lines().next()?;
+    Some(line.trim_end_matches('\r').to_string())
+}
+
+/// The scenario both pairs run: the local side is MariaDB `db_a` written with `mysql`.
+async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBridge) {
+    // A new user and their first order, in one transaction: the order must not arrive first.
+    local.raw(&[
+        "START TRANSACTION; \
+         INSERT INTO users (name, email) VALUES ('ann', 'ann@example.com'); \
+         INSERT INTO orders (user_id, amount, status) VALUES (LAST_INSERT_ID(), 250.10, 'pending'); \
+         COMMIT",
+    ]);
+    let uid = cell(local, "SELECT id FROM users WHERE name = 'ann'").unwrap();
+    let oid = cell(local, "SELECT id FROM orders ORDER BY id DESC LIMIT 1").unwrap();
+    let amount = format!("SELECT amount FROM orders WHERE id = {oid}");
+    eventually("the order to arrive on the central side", || {
+        cell(central, &amount).as_deref() == Some("250.10")
+    })
+    .await;
+    assert_eq!(
+        cell(central, &format!("SELECT name FROM users WHERE id = {uid}")).as_deref(),
+        Some("ann")
+    );
+    // Status and amount updates arrive exactly.
+    local.raw(&[&format!(
+        "UPDATE orders SET status = 'paid', amount = 99.99 WHERE id = {oid}"
+    )]);
+    let status = format!("SELECT status, amount FROM orders WHERE id = {oid}");
+    eventually("the paid order to arrive", || {
+        cell(central, &status)
+            .is_some_and(|s| s.split(['\t', '|']).collect::<Vec<_>>() == ["paid", "99.99"])
+    })
+    .await;
+    // The central side edits too (its own SQL): the change comes back to the shop.
+    central.raw(&[&format!("UPDATE orders SET status = 'shipped' WHERE id = {oid}")]);
+    let shipped = format!("SELECT status FROM orders WHERE id = {oid}");
+    eventually("the central edit to reach the shop", || {
+        cell(local, &shipped).as_deref() == Some("shipped")
+    })
+    .await;
+    // A row the target cannot hold (note longer than the central column) is dead-lettered
+    // with the reason, while the rest keeps flowing.
+    local.raw(&[&format!(
+        "INSERT INTO orders (user_id, amount, note) VALUES ({uid}, 1.00, 'a note far too long for the central side'); \
+         INSERT INTO orders (user_id, amount) VALUES ({uid}, 2.50)"
+    )]);
+    let bad = cell(local, "SELECT id FROM orders WHERE amount = 1.00").unwrap();
+    let good = cell(local, "SELECT id FROM orders WHERE amount = 2.50").unwrap();
+    eventually("the good order to arrive", || {
+        cell(central, &format!("SELECT amount FROM orders WHERE id = {good}")).as_deref()
+            == Some("2.50")
+    })
+    .await;
+    let engine = bridge.engine.clone();
+    let mut dead = Vec::new();
+    for _ in 0..100 {
+        dead = engine.queue.list(true, 10).await.unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    assert_eq!(dead[0].key, format!("orders/{bad}"));
+    assert!(
+        dead[0].last_error.to_lowercase().contains("too long"),
+        "the reason is the database's: {}",
+        dead[0].last_error
+    );
+    assert!(
+        cell(central, &format!("SELECT id FROM orders WHERE id = {bad}")).is_none(),
+        "never truncated into the column"
+    );
+    let status = engine.status().await.unwrap();
+    let status = serde_json::to_value(&status).unwrap();
+    assert!(status.to_string().contains("\"failed\":1"), "status shows the failure: {status}");
+    // Deletes of the orders and then the user arrive (children before the parent).
+    local.raw(&[&format!(
+        "DELETE FROM orders WHERE user_id = {uid}; DELETE FROM users WHERE id = {uid}"
+    )]);
+    eventually("the deletes to arrive", || {
+        cell(central, &format!("SELECT COUNT(*) FROM users WHERE id = {uid}")).as_deref()
+            == Some("0")
+            && cell(central, "SELECT COUNT(*) FROM orders").as_deref() == Some("0")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_schema_syncs_between_two_mariadb_databases() {
+    let server = TestStore::new(Kind::Mysql);
+    let (db_a, db_b, dir) = (
+        server.fresh_database("db_a"),
+        server.fresh_database("db_b"),
+        data_dir(),
+    );
+    db_a.raw(&[&mysql_schema(100)]);
+    db_b.raw(&[&mysql_schema(10)]);
+    let bridge = TestBridge::start(shop_config(&db_a, &db_b, &path(&dir))).await;
+    shop_scenario(&db_a, &db_b, &bridge).await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_schema_syncs_to_a_central_postgresql() {
+    let (db_a, central, dir) = (
+        TestStore::new(Kind::Mysql).fresh_database("db_a"),
+        TestStore::new(Kind::Postgres).fresh_database("central"),
+        data_dir(),
+    );
+    db_a.raw(&[&mysql_schema(100)]);
+    central.raw(&[PG_SCHEMA]);
+    let bridge = TestBridge::start(shop_config(&db_a, &central, &path(&dir))).await;
+    shop_scenario(&db_a, &central, &bridge).await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_way_auto_increment_without_an_allocation_rule_is_refused_at_start() {
+    let server = TestStore::new(Kind::Mysql);
+    let (db_a, db_b, dir) = (
+        server.fresh_database("db_a"),
+        server.fresh_database("db_b"),
+        data_dir(),
+    );
+    db_a.raw(&[&mysql_schema(100)]);
+    db_b.raw(&[&mysql_schema(100)]);
+    let mut cfg = shop_config(&db_a, &db_b, &path(&dir));
+    cfg.collections[1].key_allocation = None;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = match syncbridge::engine::pipeline::open_when_ready(cfg, &shutdown).await {
+        Ok(_) => panic!("a colliding key allocation must be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("orders") && err.contains("key_allocation"),
+        "{err}"
+    );
+}
+
+/// Every type of the README's table, MariaDB → Redis → PostgreSQL and back: the values
+/// arrive exact, and the Redis document shows their JSON form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_column_type_round_trips_sql_redis_sql() {
+    let (maria, redis, pg) = (
+        TestStore::new(Kind::Mysql).fresh_database("types_a"),
+        TestStore::new(Kind::Redis),
+        TestStore::new(Kind::Postgres).fresh_database("types_b"),
+    );
+    maria.raw(&["CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount DECIMAL(20,6), \
+         state ENUM('new','old'), tags SET('a','b','c'), day DATE, at_time TIME, \
+         stamp TIMESTAMP(6) NULL, local_dt DATETIME(6), flag BOOLEAN, meta JSON, bin BLOB, \
+         label VARCHAR(20), missing VARCHAR(5), \
+         updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3))"]);
+    pg.raw(&["CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount NUMERIC(20,6), \
+         state TEXT, tags TEXT, day DATE, at_time TIME, stamp TIMESTAMPTZ, local_dt TIMESTAMP, \
+         flag BOOLEAN, meta JSONB, bin BYTEA, label VARCHAR(20), missing VARCHAR(5), \
+         updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now())"]);
+    let c = common::collection("types");
+    let typed = |cfg: &mut Config, side_is_local: bool| {
+        cfg.collections = vec![CollectionConfig {
+            name: c.clone(),
+            local_table: side_is_local.then(|| "t".to_string()),
+            cloud_table: (!side_is_local).then(|| "t".to_string()),
+            ..Default::default()
+        }];
+    };
+    let (dir_a, dir_b) = (data_dir(), data_dir());
+    let mut cfg_a = config(&maria, &redis, &[&c], Mode::Both, &path(&dir_a));
+    typed(&mut cfg_a, true);
+    let mut cfg_b = config(&redis, &pg, &[&c], Mode::Both, &path(&dir_b));
+    typed(&mut cfg_b, false);
+    let (a, b) = (
+        TestBridge::start(cfg_a).await,
+        TestBridge::start(cfg_b).await,
+    );
+    maria.raw(&["INSERT INTO t (id, big, amount, state, tags, day, at_time, stamp, local_dt, flag, meta, bin, label, missing) \
+         VALUES (9007199254740993, -9223372036854775808, 12345678901234.123456, 'old', 'a,c', '2026-11-25', \
+         '13:45:07', '2026-11-25 10:11:12.345678', '2026-11-25 23:59:59.000001', TRUE, \
+         '{\"k\": [1, 2.5, \"x\"]}', X'00FF10', 'ünïcødé', NULL)"]);
+    let id = "9007199254740993";
+    eventually("the row to reach PostgreSQL", || {
+        cell(&pg, &format!("SELECT amount FROM t WHERE id = {id}")).is_some()
+    })
+    .await;
+    let doc: Value = redis.get(&c, id).expect("the Redis document");
+    let want = json!({
+        "id": 9007199254740993_i64, "big": i64::MIN, "amount": "12345678901234.123456",
+        "state": "old", "tags": "a,c", "day": "2026-11-25", "at_time": "13:45:07",
+        "stamp": "2026-11-25T10:11:12.345678Z", "local_dt": "2026-11-25T23:59:59.000001",
+        "flag": true, "meta": {"k": [1, 2.5, "x"]}, "bin": "AP8Q", "label": "ünïcødé",
+        "missing": null,
+    });
+    for (field, value) in want.as_object().unwrap() {
+        assert_eq!(&doc[field], value, "field {field} in {doc}");
+    }
+    let row = cell(
+        &pg,
+        &format!(
+            "SELECT concat_ws('|', big, amount, state, tags, day, at_time, \
+             to_char(stamp AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), local_dt, flag, meta::text, \
+             encode(bin, 'hex'), label, coalesce(missing, 'NULL')) FROM t WHERE id = {id}"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        row,
+        "-9223372036854775808|12345678901234.123456|old|a,c|2026-11-25|13:45:07|2026-11-25 10:11:12.345678|\
+         2026-11-25 23:59:59.000001|t|{\"k\": [1, 2.5, \"x\"]}|00ff10|ünïcødé|NULL"
+    );
+    // And back: an edit in PostgreSQL reaches MariaDB through Redis, exact.
+    pg.raw(&[&format!(
+        "UPDATE t SET amount = 0.000001, flag = false, bin = '\\x0102'::bytea WHERE id = {id}"
+    )]);
+    let back = format!("SELECT CONCAT_WS('|', amount, flag, HEX(bin)) FROM t WHERE id = {id}");
+    eventually("the PostgreSQL edit to reach MariaDB", || {
+        cell(&maria, &back).as_deref() == Some("0.000001|0|0102")
+    })
+    .await;
+    // A value the target type cannot take (an enum value MariaDB does not know) is refused,
+    // not truncated, and the record is queued on the bridge that writes MariaDB.
+    pg.raw(&[&format!("UPDATE t SET state = 'unknown' WHERE id = {id}")]);
+    let mut refused = Vec::new();
+    for _ in 0..100 {
+        refused = a.engine.queue.list(false, 10).await.unwrap();
+        if !refused.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        cell(&maria, &format!("SELECT state FROM t WHERE id = {id}")).as_deref(),
+        Some("old")
+    );
+    a.stop().await;
+    b.stop().await;
+}
