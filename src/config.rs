@@ -284,7 +284,11 @@ impl Config {
     /// `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS`, `SYNCBRIDGE_SCHEDULE` and
     /// `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
     pub fn load(file: Option<&Path>) -> Result<Config> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // The default collection list applies only when nothing names a collection: a file
+        // with `[[collections]]` entries means those, not those plus `customers`.
+        let mut defaults = Config::default();
+        let default_collections = std::mem::take(&mut defaults.sync.collections);
+        let mut figment = Figment::from(Serialized::defaults(defaults));
         if let Some(path) = file {
             if !path.exists() {
                 bail!("config file {} does not exist", path.display());
@@ -317,6 +321,9 @@ impl Config {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .collect();
+        }
+        if config.sync.collections.is_empty() && config.collections.is_empty() {
+            config.sync.collections = default_collections;
         }
         for c in &config.collections {
             if !config.sync.collections.contains(&c.name) {
@@ -353,7 +360,10 @@ impl Config {
         }
         for c in &self.collections {
             let mut names: Vec<(&str, &str)> = vec![("updated_at", c.updated_at.as_str())];
-            for t in [&c.table, &c.local_table, &c.cloud_table].into_iter().flatten() {
+            for t in [&c.table, &c.local_table, &c.cloud_table]
+                .into_iter()
+                .flatten()
+            {
                 names.push(("table", t));
             }
             for k in &c.key {
@@ -433,7 +443,9 @@ pub fn is_identifier(name: &str) -> bool {
     name.chars()
         .next()
         .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
-        && name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
         && name.len() <= 60
 }
 
@@ -530,6 +542,44 @@ mod tests {
             assert!(format!("{:#}", Config::load(None).unwrap_err()).contains("api.bind"));
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
+    fn typed_tables_come_from_collection_entries_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[local]\nuri = \"mysql://root@h/db_a\"\n[cloud]\nuri = \"postgres://h/db_b\"\n\
+             [[collections]]\nname = \"users\"\ntable = \"users\"\n\
+             [[collections]]\nname = \"orders\"\nlocal_table = \"shop_orders\"\ncloud_table = \"orders\"\n\
+             depends_on = [\"users\"]\nkey_allocation = \"local\"\n",
+        )
+        .unwrap();
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(Some(&path)).unwrap();
+            // Only the named collections: no default `customers` beside them.
+            assert_eq!(c.sync.collections, vec!["users", "orders"]);
+            let orders = &c.collections[1];
+            let spec = orders.table_spec(crate::record::Side::Local).unwrap();
+            assert_eq!(
+                (spec.table.as_str(), spec.key.as_str()),
+                ("shop_orders", "id")
+            );
+            assert_eq!(orders.table_on(crate::record::Side::Cloud), Some("orders"));
+            assert_eq!(orders.key_allocation, Some(KeyAllocation::Local));
+            assert_eq!(spec.updated_at, "updated_at");
+            Ok(())
+        });
+        let mut c = Config::default();
+        c.collections = vec![CollectionConfig {
+            name: "customers".into(),
+            key: vec!["a".into(), "b".into()],
+            ..Default::default()
+        }];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("composite keys"), "{e}");
     }
 
     #[test]

@@ -94,7 +94,9 @@ async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBrid
     })
     .await;
     // The central side edits too (its own SQL): the change comes back to the shop.
-    central.raw(&[&format!("UPDATE orders SET status = 'shipped' WHERE id = {oid}")]);
+    central.raw(&[&format!(
+        "UPDATE orders SET status = 'shipped' WHERE id = {oid}"
+    )]);
     let shipped = format!("SELECT status FROM orders WHERE id = {oid}");
     eventually("the central edit to reach the shop", || {
         cell(local, &shipped).as_deref() == Some("shipped")
@@ -109,7 +111,11 @@ async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBrid
     let bad = cell(local, "SELECT id FROM orders WHERE amount = 1.00").unwrap();
     let good = cell(local, "SELECT id FROM orders WHERE amount = 2.50").unwrap();
     eventually("the good order to arrive", || {
-        cell(central, &format!("SELECT amount FROM orders WHERE id = {good}")).as_deref()
+        cell(
+            central,
+            &format!("SELECT amount FROM orders WHERE id = {good}"),
+        )
+        .as_deref()
             == Some("2.50")
     })
     .await;
@@ -135,13 +141,20 @@ async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBrid
     );
     let status = engine.status().await.unwrap();
     let status = serde_json::to_value(&status).unwrap();
-    assert!(status.to_string().contains("\"failed\":1"), "status shows the failure: {status}");
+    assert!(
+        status.to_string().contains("\"failed\":1"),
+        "status shows the failure: {status}"
+    );
     // Deletes of the orders and then the user arrive (children before the parent).
     local.raw(&[&format!(
         "DELETE FROM orders WHERE user_id = {uid}; DELETE FROM users WHERE id = {uid}"
     )]);
     eventually("the deletes to arrive", || {
-        cell(central, &format!("SELECT COUNT(*) FROM users WHERE id = {uid}")).as_deref()
+        cell(
+            central,
+            &format!("SELECT COUNT(*) FROM users WHERE id = {uid}"),
+        )
+        .as_deref()
             == Some("0")
             && cell(central, "SELECT COUNT(*) FROM orders").as_deref() == Some("0")
     })
@@ -214,10 +227,12 @@ async fn every_column_type_round_trips_sql_redis_sql() {
          stamp TIMESTAMP(6) NULL, local_dt DATETIME(6), flag BOOLEAN, meta JSON, bin BLOB, \
          label VARCHAR(20), missing VARCHAR(5), \
          updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3))"]);
-    pg.raw(&["CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount NUMERIC(20,6), \
+    pg.raw(&[
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount NUMERIC(20,6), \
          state TEXT, tags TEXT, day DATE, at_time TIME, stamp TIMESTAMPTZ, local_dt TIMESTAMP, \
          flag BOOLEAN, meta JSONB, bin BYTEA, label VARCHAR(20), missing VARCHAR(5), \
-         updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now())"]);
+         updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now())",
+    ]);
     let c = common::collection("types");
     let typed = |cfg: &mut Config, side_is_local: bool| {
         cfg.collections = vec![CollectionConfig {
@@ -297,4 +312,51 @@ async fn every_column_type_round_trips_sql_redis_sql() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// A child that arrives before its parent (here: the shop's application wrote the order first,
+/// with its foreign-key checks off) waits in the retry queue, not in the dead letters, and
+/// lands once the parent has arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_before_its_parent_waits_and_then_lands() {
+    let server = TestStore::new(Kind::Mysql);
+    let (db_a, db_b, dir) = (
+        server.fresh_database("db_a"),
+        server.fresh_database("db_b"),
+        data_dir(),
+    );
+    db_a.raw(&[&mysql_schema(100)]);
+    db_b.raw(&[&mysql_schema(100)]);
+    let bridge = TestBridge::start(shop_config(&db_a, &db_b, &path(&dir))).await;
+    db_a.raw(&["SET foreign_key_checks = 0; \
+         INSERT INTO orders (id, user_id, amount) VALUES (70, 7, 12.00)"]);
+    let mut waiting = Vec::new();
+    for _ in 0..100 {
+        waiting = bridge.engine.queue.list(false, 10).await.unwrap();
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0].key, "orders/70");
+    assert!(!waiting[0].dead, "a missing parent never dead-letters");
+    assert!(
+        waiting[0].last_error.contains("references"),
+        "{}",
+        waiting[0].last_error
+    );
+    // Several retries later (retry_max_attempts is 2 here), still waiting, not dead.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let still = bridge.engine.queue.list(false, 10).await.unwrap();
+    assert!(
+        still.len() == 1 && !still[0].dead && still[0].attempts >= 2,
+        "{still:?}"
+    );
+    db_a.raw(&["INSERT INTO users (id, name) VALUES (7, 'late parent')"]);
+    eventually("the order to land after its parent", || {
+        cell(&db_b, "SELECT amount FROM orders WHERE id = 70").as_deref() == Some("12.00")
+    })
+    .await;
+    bridge.stop().await;
 }

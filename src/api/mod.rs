@@ -64,6 +64,14 @@ impl ApiState {
         let writer_id = format!("{}-api", engine.instance_id);
         let local = crate::stores::open(&engine.config.local.uri, &writer_id).await?;
         let cloud = crate::stores::open(&engine.config.cloud.uri, &writer_id).await?;
+        // Collections in typed tables are read and written column by column by these handles
+        // too.
+        local
+            .prepare_tables(&engine.table_specs(Side::Local, local.as_ref()))
+            .await?;
+        cloud
+            .prepare_tables(&engine.table_specs(Side::Cloud, cloud.as_ref()))
+            .await?;
         let replica = replicate::Replica::open(engine.clone(), cloud.clone()).await?;
         Ok(Arc::new(ApiState {
             engine,

@@ -262,8 +262,8 @@ async fn create(
         ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         ApplyOutcome::Conflict => return Err(contended(&collection, &id)),
         ApplyOutcome::Rejected(reason) | ApplyOutcome::Deferred(reason) => {
-                return Err(rejected(reason));
-            }
+            return Err(rejected(reason));
+        }
     }
     let mut headers = HeaderMap::new();
     let prefix = if name == "customer" {

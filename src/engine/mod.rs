@@ -191,15 +191,7 @@ impl Engine {
         let mut facts = Vec::new();
         for side in [Side::Local, Side::Cloud] {
             let store = self.store(side);
-            let specs: Vec<crate::stores::TableSpec> = if store.capabilities().typed_tables {
-                self.config
-                    .collections
-                    .iter()
-                    .filter_map(|c| c.table_spec(side))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let specs = self.table_specs(side, store.as_ref());
             let generic: Vec<String> = self
                 .config
                 .sync
@@ -214,6 +206,20 @@ impl Engine {
         order::check_key_allocation(&self.config, &facts)?;
         *self.ranks.write().expect("ranks lock") = order::ranks(&self.config, &facts);
         Ok(())
+    }
+
+    /// The typed tables `store` holds as `side`, from the config: none for a store without
+    /// tables (a `table` setting applies to the SQL sides only). Other handles on the same
+    /// store (the API's) map them too, with [`Store::prepare_tables`].
+    pub fn table_specs(&self, side: Side, store: &dyn Store) -> Vec<crate::stores::TableSpec> {
+        if !store.capabilities().typed_tables {
+            return Vec::new();
+        }
+        self.config
+            .collections
+            .iter()
+            .filter_map(|c| c.table_spec(side))
+            .collect()
     }
 
     /// `collection`'s dependency rank: parents (referenced rows) have smaller ranks.
@@ -613,7 +619,8 @@ impl Engine {
                                 // A parent row still on its way: the queue retries it with
                                 // backoff, as long as it takes, and never dead-letters it.
                                 failed_plans.insert(*plan);
-                                let msg = format!("{side} cannot take {collection}/{id} yet: {reason}");
+                                let msg =
+                                    format!("{side} cannot take {collection}/{id} yet: {reason}");
                                 debug!("{msg}");
                                 out.failed.push((id.clone(), msg, FailureKind::Store));
                             }

@@ -41,10 +41,7 @@ pub fn ranks(config: &Config, facts: &[(Side, Vec<TableFacts>)]) -> Ranks {
                     .find(|c| c.table_on(*side) == Some(table.as_str()))
                     .map(|c| c.name.clone());
                 if let Some(p) = parent.filter(|p| p != &f.collection) {
-                    parents
-                        .entry(f.collection.as_str())
-                        .or_default()
-                        .insert(p);
+                    parents.entry(f.collection.as_str()).or_default().insert(p);
                 }
             }
         }
@@ -155,7 +152,10 @@ mod tests {
             ],
         )];
         let r = ranks(&cfg, &f);
-        assert!(r["users"] < r["orders"] && r["orders"] < r["order_lines"], "{r:?}");
+        assert!(
+            r["users"] < r["orders"] && r["orders"] < r["order_lines"],
+            "{r:?}"
+        );
     }
 
     #[test]

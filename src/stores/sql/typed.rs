@@ -158,12 +158,10 @@ async fn catalog(pool: &AnyPool, d: Dialect, table: &str) -> Result<Vec<CatalogC
     let mut cols = Vec::new();
     match d {
         Dialect::Sqlite => {
-            let rows = sqlx::query(
-                "SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid",
-            )
-            .bind(table.to_string())
-            .fetch_all(pool)
-            .await?;
+            let rows = sqlx::query("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid")
+                .bind(table.to_string())
+                .fetch_all(pool)
+                .await?;
             for r in rows {
                 let sql_type: String = r.try_get(1)?;
                 let pk: i64 = r.try_get(2)?;
@@ -336,8 +334,7 @@ pub(super) async fn prepare(
     if cols.is_empty() {
         return Err(fatal(format!(
             "collection {}: table {:?} does not exist (or has no columns) in this database",
-            spec.collection,
-            spec.table
+            spec.collection, spec.table
         )));
     }
     if !cols.iter().any(|c| c.name == spec.updated_at) {
@@ -345,16 +342,14 @@ pub(super) async fn prepare(
             return Err(fatal(format!(
                 "collection {}: table {} has no column {:?} for the modification time; name the right one \
                  with `updated_at = \"...\"`, or set `add_updated_at = true` to let the bridge add it",
-                spec.collection,
-                spec.table,
-                spec.updated_at
+                spec.collection, spec.table, spec.updated_at
             )));
         }
         let (t, c) = (q(&spec.table), q(&spec.updated_at));
         let sql = match d {
-            Dialect::Sqlite => format!(
-                "ALTER TABLE {t} ADD COLUMN {c} TEXT NOT NULL DEFAULT '{SQLITE_UNSTAMPED}'"
-            ),
+            Dialect::Sqlite => {
+                format!("ALTER TABLE {t} ADD COLUMN {c} TEXT NOT NULL DEFAULT '{SQLITE_UNSTAMPED}'")
+            }
             Dialect::Postgres => format!(
                 "ALTER TABLE {t} ADD COLUMN {c} TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()"
             ),
@@ -399,10 +394,7 @@ pub(super) async fn prepare(
     if !ts_ok {
         return Err(fatal(format!(
             "collection {}: {}.{} is {}, not a timestamp column",
-            spec.collection,
-            spec.table,
-            spec.updated_at,
-            upd.sql_type
+            spec.collection, spec.table, spec.updated_at, upd.sql_type
         )));
     }
     if d == Dialect::Mysql && !upd.on_update {
@@ -501,7 +493,12 @@ async fn ensure_mysql_index(pool: &AnyPool, t: &TypedTable) -> Result<()> {
 /// The index by time (so sweeps cost what changed) and the triggers that fill the change log
 /// and stamp UPDATEs that leave the time alone.
 fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
-    let (c, table, key, upd) = (&t.collection, q(&t.table), q(&t.key.name), q(&t.updated_at.name));
+    let (c, table, key, upd) = (
+        &t.collection,
+        q(&t.table),
+        q(&t.key.name),
+        q(&t.updated_at.name),
+    );
     let idx = q(&format!("_syncbridge_{c}_updated_at"));
     match d {
         Dialect::Sqlite => vec![
@@ -737,7 +734,12 @@ fn to_json(kind: Kind, text: &str) -> std::result::Result<Value, String> {
 /// A document field as the text the database casts into column `c`; `Err` says why the
 /// value cannot go there.
 fn from_json(d: Dialect, c: &Column, v: &Value) -> std::result::Result<Option<String>, String> {
-    let bad = |what: &str| Err(format!("column {} ({}) cannot hold {what}", c.name, c.sql_type));
+    let bad = |what: &str| {
+        Err(format!(
+            "column {} ({}) cannot hold {what}",
+            c.name, c.sql_type
+        ))
+    };
     Ok(Some(match (c.kind, v) {
         (_, Value::Null) => return Ok(None),
         (Kind::Int, Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
@@ -1080,7 +1082,10 @@ impl TypedTable {
                         ));
                         let k = p.value(&self.key, Some(key.clone()));
                         let guard = self.guard(d, &mut p, etag)?;
-                        format!("UPDATE {t} SET {} WHERE {kq} = {k} AND {guard}", sets.join(", "))
+                        format!(
+                            "UPDATE {t} SET {} WHERE {kq} = {k} AND {guard}",
+                            sets.join(", ")
+                        )
                     }
                 }
             }
@@ -1155,32 +1160,68 @@ mod tests {
     #[test]
     fn values_round_trip_through_their_text() {
         let cases: &[(Kind, &str, Value)] = &[
-            (Kind::Int, "9007199254740993", serde_json::json!(9007199254740993_i64)),
-            (Kind::Int, "18446744073709551615", serde_json::json!(u64::MAX)),
+            (
+                Kind::Int,
+                "9007199254740993",
+                serde_json::json!(9007199254740993_i64),
+            ),
+            (
+                Kind::Int,
+                "18446744073709551615",
+                serde_json::json!(u64::MAX),
+            ),
             (Kind::Decimal, "250.10", serde_json::json!("250.10")),
             (Kind::Bool, "1", Value::Bool(true)),
-            (Kind::Json, "{\"a\":[1,2]}", serde_json::json!({"a": [1, 2]})),
+            (
+                Kind::Json,
+                "{\"a\":[1,2]}",
+                serde_json::json!({"a": [1, 2]}),
+            ),
             (Kind::Blob, "00FF10", serde_json::json!("AP8Q")),
             (Kind::Text, "pending", serde_json::json!("pending")),
         ];
         for (kind, text, json) in cases {
             assert_eq!(&to_json(*kind, text).unwrap(), json, "{kind:?} {text}");
-            let back = from_json(Dialect::Mysql, &col(*kind), json).unwrap().unwrap();
+            let back = from_json(Dialect::Mysql, &col(*kind), json)
+                .unwrap()
+                .unwrap();
             let again = to_json(*kind, &back.to_uppercase()).unwrap_or(Value::Null);
             if *kind != Kind::Text && *kind != Kind::Json {
                 assert_eq!(&again, json, "{kind:?} {back}");
             }
         }
-        assert_eq!(from_json(Dialect::Mysql, &col(Kind::Int), &Value::Null), Ok(None));
+        assert_eq!(
+            from_json(Dialect::Mysql, &col(Kind::Int), &Value::Null),
+            Ok(None)
+        );
     }
 
     #[test]
     fn values_a_column_cannot_hold_are_refused_with_the_reason() {
-        let e = from_json(Dialect::Postgres, &col(Kind::Int), &serde_json::json!("abc")).unwrap_err();
+        let e = from_json(
+            Dialect::Postgres,
+            &col(Kind::Int),
+            &serde_json::json!("abc"),
+        )
+        .unwrap_err();
         assert!(e.contains("not an integer"), "{e}");
-        assert!(from_json(Dialect::Mysql, &col(Kind::Decimal), &serde_json::json!({"a": 1})).is_err());
+        assert!(
+            from_json(
+                Dialect::Mysql,
+                &col(Kind::Decimal),
+                &serde_json::json!({"a": 1})
+            )
+            .is_err()
+        );
         assert!(from_json(Dialect::Mysql, &col(Kind::Blob), &serde_json::json!("%%%")).is_err());
-        assert!(from_json(Dialect::Mysql, &col(Kind::Timestamp), &serde_json::json!("yesterday")).is_err());
+        assert!(
+            from_json(
+                Dialect::Mysql,
+                &col(Kind::Timestamp),
+                &serde_json::json!("yesterday")
+            )
+            .is_err()
+        );
         assert!(from_json(Dialect::Mysql, &col(Kind::Text), &serde_json::json!([1])).is_err());
     }
 
@@ -1201,12 +1242,27 @@ mod tests {
     fn catalog_types_map_to_kinds() {
         assert_eq!(kind_of(Dialect::Mysql, "tinyint", "tinyint(1)"), Kind::Bool);
         assert_eq!(kind_of(Dialect::Mysql, "tinyint", "tinyint(4)"), Kind::Int);
-        assert_eq!(kind_of(Dialect::Mysql, "decimal", "decimal(10,2)"), Kind::Decimal);
+        assert_eq!(
+            kind_of(Dialect::Mysql, "decimal", "decimal(10,2)"),
+            Kind::Decimal
+        );
         assert_eq!(kind_of(Dialect::Mysql, "enum", "enum('a','b')"), Kind::Text);
-        assert_eq!(kind_of(Dialect::Postgres, "numeric", "numeric(10,2)"), Kind::Decimal);
-        assert_eq!(kind_of(Dialect::Postgres, "timestamp with time zone", "x"), Kind::Timestamp);
+        assert_eq!(
+            kind_of(Dialect::Postgres, "numeric", "numeric(10,2)"),
+            Kind::Decimal
+        );
+        assert_eq!(
+            kind_of(Dialect::Postgres, "timestamp with time zone", "x"),
+            Kind::Timestamp
+        );
         assert_eq!(kind_of(Dialect::Sqlite, "INTEGER", "INTEGER"), Kind::Int);
-        assert_eq!(kind_of(Dialect::Sqlite, "VARCHAR(20)", "VARCHAR(20)"), Kind::Text);
-        assert_eq!(kind_of(Dialect::Sqlite, "DECIMAL(10,2)", "DECIMAL(10,2)"), Kind::Decimal);
+        assert_eq!(
+            kind_of(Dialect::Sqlite, "VARCHAR(20)", "VARCHAR(20)"),
+            Kind::Text
+        );
+        assert_eq!(
+            kind_of(Dialect::Sqlite, "DECIMAL(10,2)", "DECIMAL(10,2)"),
+            Kind::Decimal
+        );
     }
 }
