@@ -572,12 +572,14 @@ mod tests {
             assert_eq!(spec.updated_at, "updated_at");
             Ok(())
         });
-        let mut c = Config::default();
-        c.collections = vec![CollectionConfig {
-            name: "customers".into(),
-            key: vec!["a".into(), "b".into()],
-            ..Default::default()
-        }];
+        let c = Config {
+            collections: vec![CollectionConfig {
+                name: "customers".into(),
+                key: vec!["a".into(), "b".into()],
+                ..Default::default()
+            }],
+            ..Config::default()
+        };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("composite keys"), "{e}");
     }
