@@ -19,16 +19,44 @@ use syncbridge::stores::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-async fn open(kind: Kind) -> (TestStore, Arc<dyn Store>, String) {
-    let ts = TestStore::new(kind);
+/// The layouts a store keeps collections in: the bridge's own tables and keys, or (SQL
+/// stores) an application's typed table mapped column by column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Own,
+    Typed,
+}
+
+async fn open(kind: Kind, layout: Layout) -> (TestStore, Arc<dyn Store>, String) {
+    let ts = match layout {
+        Layout::Own => TestStore::new(kind),
+        Layout::Typed => TestStore::typed(kind),
+    };
     let store = stores::open(&ts.uri, "conformance-instance")
         .await
         .expect("store opens");
     let c = collection("conf");
-    store
-        .prepare(std::slice::from_ref(&c))
-        .await
-        .expect("prepare");
+    match layout {
+        Layout::Own => store
+            .prepare(std::slice::from_ref(&c))
+            .await
+            .expect("prepare"),
+        Layout::Typed => {
+            ts.create_typed_table(&c);
+            store.prepare(&[]).await.expect("prepare");
+            store
+                .prepare_tables(&[stores::TableSpec {
+                    collection: c.clone(),
+                    table: c.clone(),
+                    key: "id".into(),
+                    updated_at: "updated_at".into(),
+                    columns: None,
+                    add_updated_at: false,
+                }])
+                .await
+                .expect("typed table maps");
+        }
+    }
     (ts, store, c)
 }
 
@@ -38,7 +66,11 @@ fn upsert(c: &str, id: &str, name: &str, at: i64) -> ChangeRecord {
         collection: c.into(),
         id: id.into(),
         op: Op::Upsert,
-        doc: Some(with_updated_at(json!({ "name": name, "n": 1 }), at)),
+        // The id is in the document too, as in a typed row (its key column).
+        doc: Some(with_updated_at(
+            json!({ "id": id, "name": name, "n": 1 }),
+            at,
+        )),
         updated_at_ms: at,
         origin: Origin::Bridge("conformance-instance".into()),
     }
@@ -103,8 +135,8 @@ async fn apply_one(
 }
 
 /// Upsert and delete apply, read back exactly, and re-applying changes nothing.
-async fn upsert_delete_and_idempotent_reapply(kind: Kind) {
-    let (_ts, store, c) = open(kind).await;
+async fn upsert_delete_and_idempotent_reapply(kind: Kind, layout: Layout) {
+    let (_ts, store, c) = open(kind, layout).await;
     let t = now_ms();
     let rec = upsert(&c, "1", "Ada", t);
     assert_eq!(
@@ -156,8 +188,8 @@ async fn upsert_delete_and_idempotent_reapply(kind: Kind) {
 }
 
 /// A write decided on an old read is refused once someone else wrote: no lost update.
-async fn conditional_apply_refuses_a_stale_expectation(kind: Kind) {
-    let (ts, store, c) = open(kind).await;
+async fn conditional_apply_refuses_a_stale_expectation(kind: Kind, layout: Layout) {
+    let (ts, store, c) = open(kind, layout).await;
     let t = now_ms();
     apply_one(&store, &c, upsert(&c, "1", "v1", t), None).await;
     let seen = present(read_one(&store, &c, "1").await);
@@ -197,8 +229,8 @@ async fn conditional_apply_refuses_a_stale_expectation(kind: Kind) {
 }
 
 /// Scans find what changed since a time, page by page, each record once.
-async fn scan_since_pages_through_changes(kind: Kind) {
-    let (_ts, store, c) = open(kind).await;
+async fn scan_since_pages_through_changes(kind: Kind, layout: Layout) {
+    let (_ts, store, c) = open(kind, layout).await;
     let t = now_ms() - 100_000;
     let writes: Vec<Write> = (0..25)
         .map(|i| Write {
@@ -283,8 +315,8 @@ impl Listening {
 }
 
 /// The listener hears writes made directly by a client that knows nothing of the bridge.
-async fn listen_sees_direct_writes(kind: Kind) {
-    let (ts, store, c) = open(kind).await;
+async fn listen_sees_direct_writes(kind: Kind, layout: Layout) {
+    let (ts, store, c) = open(kind, layout).await;
     let mut l = listen(&store, &c, None);
     // Subscriptions are asynchronous; give it a moment to be in place.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -315,8 +347,8 @@ async fn listen_sees_direct_writes(kind: Kind) {
 /// After a stop, listening again from the persisted position delivers what changed meanwhile,
 /// and nothing that was settled before (stores with a durable change log), or the sweep's scan
 /// finds it (stores without one).
-async fn checkpoint_resumes(kind: Kind) {
-    let (ts, store, c) = open(kind).await;
+async fn checkpoint_resumes(kind: Kind, layout: Layout) {
+    let (ts, store, c) = open(kind, layout).await;
     let mut l = listen(&store, &c, None);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = now_ms();
@@ -369,9 +401,23 @@ async fn checkpoint_resumes(kind: Kind) {
 
 /// Values that cannot be records are reported as invalid, never as absent (which would read as
 /// a delete).
-async fn invalid_values_are_reported(kind: Kind) {
-    let (ts, store, c) = open(kind).await;
+async fn invalid_values_are_reported(kind: Kind, layout: Layout) {
+    let (ts, store, c) = open(kind, layout).await;
     match kind {
+        // Typed columns hold only their type; what cannot be a record is a row without a
+        // readable modification time (and, on SQLite, which types nothing, a value that is
+        // not of its column's type).
+        _ if layout == Layout::Typed => {
+            let bad = match kind {
+                Kind::Sqlite => {
+                    "('text', 'x', 'not a number', '2026-11-25T10:00:00.000Z'), ('hash', 'x', 1, 'yesterday')"
+                }
+                _ => "('text', 'x', 1, NULL), ('hash', 'x', 2, NULL)",
+            };
+            ts.raw(&[&format!(
+                "INSERT INTO \"{c}\" (id, name, n, updated_at) VALUES {bad}"
+            )]);
+        }
         Kind::Redis => {
             ts.raw(&["HSET", &format!("{c}:hash"), "f", "v"]);
             ts.raw(&["SET", &format!("{c}:text"), "not json"]);
@@ -415,6 +461,9 @@ async fn invalid_values_are_reported(kind: Kind) {
 
 macro_rules! conformance {
     ($(#[$gate:meta])* $store:ident, $kind:expr) => {
+        conformance!($(#[$gate])* $store, $kind, Layout::Own);
+    };
+    ($(#[$gate:meta])* $store:ident, $kind:expr, $layout:expr) => {
         mod $store {
             use super::*;
 
@@ -424,7 +473,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::upsert_delete_and_idempotent_reapply($kind).await
+                super::upsert_delete_and_idempotent_reapply($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +482,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::conditional_apply_refuses_a_stale_expectation($kind).await
+                super::conditional_apply_refuses_a_stale_expectation($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,7 +491,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::scan_since_pages_through_changes($kind).await
+                super::scan_since_pages_through_changes($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +500,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::listen_sees_direct_writes($kind).await
+                super::listen_sees_direct_writes($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,7 +509,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::checkpoint_resumes($kind).await
+                super::checkpoint_resumes($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,7 +518,7 @@ macro_rules! conformance {
                 if !common::available($kind) {
                     return;
                 }
-                super::invalid_values_are_reported($kind).await
+                super::invalid_values_are_reported($kind, $layout).await
             }
         }
     };
@@ -479,6 +528,10 @@ conformance!(redis, Kind::Redis);
 conformance!(sqlite, Kind::Sqlite);
 conformance!(postgres, Kind::Postgres);
 conformance!(mysql, Kind::Mysql);
+// The same suite on an application's own typed tables, mapped column by column.
+conformance!(sqlite_typed, Kind::Sqlite, Layout::Typed);
+conformance!(postgres_typed, Kind::Postgres, Layout::Typed);
+conformance!(mysql_typed, Kind::Mysql, Layout::Typed);
 // Built to run when MONGODB_URI names a replica set (build.rs sets `mongodb_tests`); otherwise
 // reported by cargo as ignored, with the reason: never counted as passed.
 conformance!(
@@ -495,7 +548,7 @@ conformance!(
 /// the document alone gets a new time; one that assigns updated_at keeps what it says).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_ranges_ids_and_stamping() {
-    let (ts, store, c) = open(Kind::Mysql).await;
+    let (ts, store, c) = open(Kind::Mysql, Layout::Own).await;
     let t = now_ms() - 60_000;
     let far = 2_200_000_000_000; // 2039-09: past a TIMESTAMP's end
     let outcomes = store
@@ -550,4 +603,43 @@ async fn mysql_ranges_ids_and_stamping() {
     let edited = present(read_one(&store, &c, "A").await);
     assert_eq!(edited.doc["name"], "edited");
     assert!(edited.updated_at_ms.unwrap() > t + 30_000, "{edited:?}");
+}
+
+/// The stamping rule on typed tables, in all three dialects: an application UPDATE that
+/// leaves the modification time alone gets a new one (a new version of unknown time must not
+/// lose to the old copy); one that assigns it keeps what it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_tables_stamp_updates_that_leave_the_time_alone() {
+    for kind in [Kind::Sqlite, Kind::Postgres, Kind::Mysql] {
+        let (ts, store, c) = open(kind, Layout::Typed).await;
+        let t = now_ms() - 60_000;
+        ts.put(
+            &c,
+            "s",
+            &json!({ "name": "old", "updatedAt": format_ts(t) }),
+        );
+        assert_eq!(
+            present(read_one(&store, &c, "s").await).updated_at_ms,
+            Some(t)
+        );
+        ts.raw(&[&format!("UPDATE \"{c}\" SET name = 'new' WHERE id = 's'")]);
+        let stamped = present(read_one(&store, &c, "s").await);
+        assert_eq!(stamped.doc["name"], "new");
+        assert!(
+            stamped.updated_at_ms.unwrap() > t + 30_000,
+            "{kind:?}: an UPDATE of the name alone is a new version"
+        );
+        let stated = match kind {
+            Kind::Mysql => format!("STR_TO_DATE('{}', '%Y-%m-%dT%H:%i:%s.%fZ')", format_ts(t)),
+            _ => format!("'{}'", format_ts(t)),
+        };
+        ts.raw(&[&format!(
+            "UPDATE \"{c}\" SET name = 'restored', updated_at = {stated} WHERE id = 's'"
+        )]);
+        assert_eq!(
+            present(read_one(&store, &c, "s").await).updated_at_ms,
+            Some(t),
+            "{kind:?}: an UPDATE that states its time keeps it"
+        );
+    }
 }

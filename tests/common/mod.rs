@@ -100,6 +100,9 @@ where
 pub struct TestStore {
     pub kind: Kind,
     pub uri: String,
+    /// Collections live in typed tables `(id, name, n, updated_at)` (see
+    /// [`TestStore::create_typed_table`]) instead of the bridge's `(id, doc, updated_at)`.
+    pub typed: bool,
     _dir: Option<Arc<tempfile::TempDir>>,
 }
 
@@ -109,21 +112,25 @@ impl TestStore {
             Kind::Redis => TestStore {
                 kind,
                 uri: env_uri("SYNCBRIDGE_TEST_REDIS_URL"),
+                typed: false,
                 _dir: None,
             },
             Kind::Postgres => TestStore {
                 kind,
                 uri: env_uri("SYNCBRIDGE_TEST_PG_URL"),
+                typed: false,
                 _dir: None,
             },
             Kind::Mongo => TestStore {
                 kind,
                 uri: env_uri("MONGODB_URI"),
+                typed: false,
                 _dir: None,
             },
             Kind::Mysql => TestStore {
                 kind,
                 uri: env_uri("SYNCBRIDGE_TEST_MYSQL_URL"),
+                typed: false,
                 _dir: None,
             },
             Kind::Sqlite => {
@@ -132,6 +139,7 @@ impl TestStore {
                 TestStore {
                     kind,
                     uri,
+                    typed: false,
                     _dir: Some(Arc::new(dir)),
                 }
             }
@@ -206,6 +214,9 @@ impl TestStore {
 
     /// Writes `doc` under `id` as an application would: `SET`, or an upsert of the row.
     pub fn put(&self, collection: &str, id: &str, doc: &Value) {
+        if self.typed {
+            return self.put_typed(collection, id, doc);
+        }
         let text = doc.to_string();
         match self.kind {
             Kind::Mongo => {
@@ -404,6 +415,76 @@ impl TestStore {
     }
 }
 
+impl TestStore {
+    /// The same SQL store, with collections in typed tables (the conformance suite's second
+    /// layout).
+    pub fn typed(kind: Kind) -> TestStore {
+        assert!(matches!(kind, Kind::Sqlite | Kind::Postgres | Kind::Mysql));
+        TestStore {
+            typed: true,
+            ..TestStore::new(kind)
+        }
+    }
+
+    /// An application's own table for `collection`: `id` text key, a text and an integer
+    /// column, and a nullable modification time (so a test can store one the bridge cannot
+    /// read).
+    pub fn create_typed_table(&self, collection: &str) {
+        let sql = match self.kind {
+            Kind::Sqlite => format!(
+                "CREATE TABLE \"{collection}\" (id TEXT PRIMARY KEY, name TEXT, n INTEGER, updated_at TEXT)"
+            ),
+            Kind::Postgres => format!(
+                "CREATE TABLE \"{collection}\" (id TEXT PRIMARY KEY, name TEXT, n BIGINT, updated_at TIMESTAMPTZ(3))"
+            ),
+            Kind::Mysql => format!(
+                "CREATE TABLE \"{collection}\" (id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PRIMARY KEY, \
+                 name TEXT, n BIGINT, \
+                 updated_at TIMESTAMP(3) NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3))"
+            ),
+            _ => unreachable!("typed tables are SQL"),
+        };
+        self.cli(&[&sql]);
+    }
+
+    /// An upsert of the typed row, as the application's own SQL.
+    fn put_typed(&self, collection: &str, id: &str, doc: &Value) {
+        let quote = |v: Option<&Value>| match v {
+            Some(Value::String(s)) => format!("'{}'", s.replace('\'', "''")),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => "NULL".into(),
+        };
+        let (name, n) = (quote(doc.get("name")), quote(doc.get("n")));
+        let ts = doc.get("updatedAt").and_then(Value::as_str);
+        let sql = match self.kind {
+            Kind::Sqlite | Kind::Postgres => {
+                let ts = ts.map(|t| format!("'{t}'")).unwrap_or_else(|| {
+                    if self.kind == Kind::Postgres {
+                        "now()".into()
+                    } else {
+                        "strftime('%Y-%m-%dT%H:%M:%fZ','now')".into()
+                    }
+                });
+                format!(
+                    "INSERT INTO \"{collection}\" (id, name, n, updated_at) VALUES ('{id}', {name}, {n}, {ts}) \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, n = excluded.n, updated_at = excluded.updated_at"
+                )
+            }
+            Kind::Mysql => {
+                let ts = ts
+                    .map(|t| format!("STR_TO_DATE('{t}', '%Y-%m-%dT%H:%i:%s.%fZ')"))
+                    .unwrap_or_else(|| "NOW(3)".into());
+                format!(
+                    "INSERT INTO \"{collection}\" (id, name, n, updated_at) VALUES ('{id}', {name}, {n}, {ts}) \
+                     ON DUPLICATE KEY UPDATE name = VALUES(name), n = VALUES(n), updated_at = VALUES(updated_at)"
+                )
+            }
+            _ => unreachable!("typed tables are SQL"),
+        };
+        self.cli(&[&sql]);
+    }
+}
+
 /// The bytes of a string as `redis-cli --no-raw` quotes it (`"..."` with C-style escapes).
 fn unquote_redis(quoted: &str) -> Vec<u8> {
     let inner = quoted
@@ -552,6 +633,7 @@ impl TestStore {
         TestStore {
             kind: self.kind,
             uri: format!("{server}/{name}{query}"),
+            typed: self.typed,
             _dir: self._dir.clone(),
         }
     }
