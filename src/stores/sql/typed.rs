@@ -337,7 +337,17 @@ pub(super) async fn prepare(
             spec.collection, spec.table
         )));
     }
-    if !cols.iter().any(|c| c.name == spec.updated_at) {
+    // A MySQL table's `ON UPDATE CURRENT_TIMESTAMP` column is its modification time, whatever
+    // its name, when the configured name is not there.
+    let mut upd_name = spec.updated_at.clone();
+    if !cols.iter().any(|c| c.name == upd_name) {
+        let stamped: Vec<&CatalogColumn> = cols.iter().filter(|c| c.on_update).collect();
+        if let [only] = stamped.as_slice() {
+            info!(table = %spec.table, column = %only.name, "using the ON UPDATE CURRENT_TIMESTAMP column as the modification time");
+            upd_name = only.name.clone();
+        }
+    }
+    if !cols.iter().any(|c| c.name == upd_name) {
         if !spec.add_updated_at {
             return Err(fatal(format!(
                 "collection {}: table {} has no column {:?} for the modification time; name the right one \
@@ -385,7 +395,7 @@ pub(super) async fn prepare(
     if !key.primary {
         warn!(table = %spec.table, column = %spec.key, "the key column is not the primary key: make sure it is unique");
     }
-    let upd = find(&spec.updated_at).expect("checked above");
+    let upd = find(&upd_name).expect("checked above");
     let upd_col = to_column(upd);
     let ts_ok = match d {
         Dialect::Sqlite => true,
@@ -399,13 +409,13 @@ pub(super) async fn prepare(
     }
     if d == Dialect::Mysql && !upd.on_update {
         warn!(
-            table = %spec.table, column = %spec.updated_at,
+            table = %spec.table, column = %upd_name,
             "no ON UPDATE CURRENT_TIMESTAMP: an application UPDATE that does not set it looks unchanged in time"
         );
     }
     if d == Dialect::Mysql && !upd.sql_type.contains('(') {
         warn!(
-            table = %spec.table, column = %spec.updated_at,
+            table = %spec.table, column = %upd_name,
             "whole-second timestamps: edits within one second tie, decided by content hash"
         );
     }
@@ -419,14 +429,14 @@ pub(super) async fn prepare(
                         spec.collection, spec.table
                     ))
                 })?;
-                if c.name != spec.key && c.name != spec.updated_at {
+                if c.name != spec.key && c.name != upd_name {
                     columns.push(to_column(c));
                 }
             }
         }
         None => {
             for c in &cols {
-                if c.name != spec.key && c.name != spec.updated_at {
+                if c.name != spec.key && c.name != upd_name {
                     columns.push(to_column(c));
                 }
             }
