@@ -56,7 +56,9 @@ pub struct Paused;
 
 impl std::fmt::Display for Paused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the bridge is paused: nothing is applied until `syncbridge resume`")
+        f.write_str(
+            "the bridge is paused: nothing is applied until it is resumed (`syncbridge resume`, POST /api/sync/resume, or a start with SYNCBRIDGE_PAUSED=false)",
+        )
     }
 }
 
