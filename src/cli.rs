@@ -1,5 +1,5 @@
 //! The command line: `run` (the always-on bridge and its HTTP API), `sync` (one pass, then
-//! exit), `check`, `status` (asks a running bridge's API).
+//! exit), `check`, `status`, `pause` and `resume` (ask a running bridge's API).
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
@@ -85,6 +85,23 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Print the status of a running bridge (its `GET /api/sync/status`).
     Status {
+        /// The bridge's API; default `http://` + `api.bind` from the config.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Pause a running bridge (the offline switch): changes are captured and held, nothing is
+    /// applied until `resume`. It stays paused across restarts.
+    Pause {
+        /// The bridge's API; default `http://` + `api.bind` from the config.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Resume a paused bridge: the held changes are applied oldest first.
+    Resume {
         /// The bridge's API; default `http://` + `api.bind` from the config.
         #[arg(long)]
         url: Option<String>,
@@ -181,7 +198,18 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { url, config } => {
-            status(Config::load(config.config.as_deref())?, url).await?;
+            let config = Config::load(config.config.as_deref())?;
+            call_api(&config, url, reqwest::Method::GET, "/api/sync/status").await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { url, config } => {
+            let config = Config::load(config.config.as_deref())?;
+            call_api(&config, url, reqwest::Method::POST, "/api/sync/pause").await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { url, config } => {
+            let config = Config::load(config.config.as_deref())?;
+            call_api(&config, url, reqwest::Method::POST, "/api/sync/resume").await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync {
@@ -384,8 +412,14 @@ async fn run(config: Config) -> Result<()> {
     result
 }
 
-/// Asks a running bridge for its status and prints it (pretty JSON).
-async fn status(config: Config, url: Option<String>) -> Result<()> {
+/// Calls a running bridge's API at `path` (with the configured token) and prints the JSON reply
+/// pretty; `status`, `pause` and `resume` are this.
+async fn call_api(
+    config: &Config,
+    url: Option<String>,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<()> {
     let base = match url {
         Some(u) => u,
         None => {
@@ -397,12 +431,12 @@ async fn status(config: Config, url: Option<String>) -> Result<()> {
             format!("http://{bind}")
         }
     };
-    let endpoint = format!("{}/api/sync/status", base.trim_end_matches('/'));
+    let endpoint = format!("{}{path}", base.trim_end_matches('/'));
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(15))
         .build()
         .context("cannot build the HTTP client")?;
-    let mut req = client.get(&endpoint);
+    let mut req = client.request(method, &endpoint);
     if let Some(token) = &config.api.token {
         req = req.bearer_auth(token);
     }

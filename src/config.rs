@@ -53,6 +53,10 @@ pub struct SyncConfig {
     /// Cron expression (5 fields, or 6 with seconds first) for scheduled full reconciliation
     /// passes, on top of the sweeps; `None` runs none. Checked at start-up.
     pub schedule: Option<String>,
+    /// Start paused (`true`) or running (`false`), whatever the bridge was when it stopped;
+    /// unset (the default), a restarted bridge keeps the state `syncbridge pause` / `resume`
+    /// left in its data directory. `SYNCBRIDGE_PAUSED=true` is the short form.
+    pub paused: Option<bool>,
 }
 
 impl Default for SyncConfig {
@@ -72,6 +76,7 @@ impl Default for SyncConfig {
             max_doc_bytes: 16 * 1024 * 1024,
             conflict_retention_days: 30,
             schedule: None,
+            paused: None,
         }
     }
 }
@@ -274,6 +279,7 @@ const ENV_ALIASES: &[(&str, &str)] = &[
     ("SWEEP_INTERVAL_SECS", "sync.sweep_interval_secs"),
     ("DATA_DIR", "data_dir"),
     ("SCHEDULE", "sync.schedule"),
+    ("PAUSED", "sync.paused"),
 ];
 
 impl Config {
@@ -281,8 +287,8 @@ impl Config {
     ///
     /// `SYNCBRIDGE_LOCAL_URI` sets `local.uri`, `SYNCBRIDGE_SYNC_BATCH_SIZE` sets
     /// `sync.batch_size`, `SYNCBRIDGE_API_TOKEN` sets `api.token`, and so on;
-    /// `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS`, `SYNCBRIDGE_SCHEDULE` and
-    /// `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
+    /// `SYNCBRIDGE_MODE`, `SYNCBRIDGE_SWEEP_INTERVAL_SECS`, `SYNCBRIDGE_SCHEDULE`,
+    /// `SYNCBRIDGE_PAUSED` and `SYNCBRIDGE_DATA_DIR` are short forms; `SYNCBRIDGE_COLLECTIONS` takes a comma list.
     pub fn load(file: Option<&Path>) -> Result<Config> {
         // The default collection list applies only when nothing names a collection: a file
         // with `[[collections]]` entries means those, not those plus `customers`.
@@ -525,7 +531,10 @@ mod tests {
             jail.set_env("SYNCBRIDGE_API_TOKEN", "hunter2");
             jail.set_env("SYNCBRIDGE_API_BODY_LIMIT", "2048");
             jail.set_env("SYNCBRIDGE_SCHEDULE", "*/5 * * * *");
+            assert_eq!(c.sync.paused, None, "unset: the persisted state decides");
+            jail.set_env("SYNCBRIDGE_PAUSED", "true");
             let c = Config::load(None).unwrap();
+            assert_eq!(c.sync.paused, Some(true));
             assert_eq!(c.api.bind, "127.0.0.1:6001");
             assert_eq!(c.api.token.as_deref(), Some("hunter2"));
             assert!(

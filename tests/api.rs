@@ -556,6 +556,23 @@ async fn status_and_metrics_follow_what_the_bridge_does() {
         0,
         "nothing was written to local"
     );
+    // The offline switch is off; the collection's own figures count the write.
+    assert_eq!(st["paused"], false, "{st}");
+    assert_eq!(st["pending"], 0, "{st}");
+    let col = &st["by_collection"][&c];
+    assert_eq!(
+        (
+            col["synced"].as_u64(),
+            col["pending"].as_i64(),
+            col["failed"].as_i64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{st}"
+    );
+    assert!(
+        col["failures"].as_array().is_some_and(|f| f.is_empty()),
+        "{st}"
+    );
 
     let resp = b
         .http
@@ -576,6 +593,7 @@ async fn status_and_metrics_follow_what_the_bridge_does() {
         applied_before + 1
     );
     assert_eq!(metric(&text, "syncbridge_listener_up{side=\"local\"}"), 1);
+    assert_eq!(metric(&text, "syncbridge_paused"), 0);
 
     // The schedule runs passes on its own, through the same guard as the API.
     until(&b, "/api/sync/status", "a scheduled pass", |_, st| {
@@ -622,6 +640,15 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    for path in ["/api/sync/pause", "/api/sync/resume"] {
+        let r = anon.post(format!("{}{path}", b.base)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(
+        b.get("/api/sync/status").await.1["paused"],
+        false,
+        "an unauthorized pause pauses nothing"
+    );
     assert_eq!(local.count(&c), 0, "an unauthorized write writes nothing");
     assert_eq!(
         anon.get(format!("{}/healthz", b.base))

@@ -101,7 +101,7 @@ impl ApiState {
         records::create_customer, records::get_customer, records::put_customer,
         records::delete_customer, records::list_customers, records::create_record,
         records::list_records, records::get_record, records::put_record, records::delete_record,
-        sync::post_sync, sync::get_sync, sync::status, sync::healthz, sync::metrics, openapi_json,
+        sync::post_sync, sync::get_sync, sync::pause, sync::resume, sync::status, sync::healthz, sync::metrics, openapi_json,
         conflicts::list_failed, conflicts::retry_failed, conflicts::discard_failed,
         conflicts::list_conflicts, conflicts::get_conflict, conflicts::resolve_conflict,
         replicate::pull, replicate::push, replicate::stream, replicate::clients,
@@ -197,6 +197,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/sync", post(sync::post_sync))
         .route("/api/sync/status", get(sync::status))
+        .route("/api/sync/pause", post(sync::pause))
+        .route("/api/sync/resume", post(sync::resume))
         .route("/api/sync/{mode}", get(sync::get_sync))
         .route("/api/sync/failed", get(conflicts::list_failed))
         .route(

@@ -1,4 +1,5 @@
-//! Sync control and operations: on-demand passes, status, Prometheus metrics, health.
+//! Sync control and operations: on-demand passes, pause and resume, status, Prometheus
+//! metrics, health.
 
 use super::ApiState;
 use super::error::{ApiError, ErrorBody};
@@ -206,7 +207,19 @@ impl From<&PassOutcome> for PassResultView {
     }
 }
 
+/// The 409 an on-demand pass gets while the bridge is paused.
+fn paused_error() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "paused",
+        "the bridge is paused: nothing is applied until POST /api/sync/resume (or `syncbridge resume`)",
+    )
+}
+
 async fn run_pass(state: &ApiState, mode: Mode) -> Result<axum::Json<SyncResult>, ApiError> {
+    if state.engine.is_paused() {
+        return Err(paused_error());
+    }
     let guard = state
         .passes
         .try_begin(mode, Trigger::Api)
@@ -233,6 +246,8 @@ async fn run_pass(state: &ApiState, mode: Mode) -> Result<axum::Json<SyncResult>
             pass: (&outcome.pass).into(),
             summary: report.into(),
         })),
+        // Paused while the pass ran: it stopped at its next page.
+        (None, _) if state.engine.is_paused() => Err(paused_error()),
         (None, e) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "pass_failed",
@@ -254,7 +269,7 @@ type St = State<Arc<ApiState>>;
         (status = 200, description = "The pass ran; its summary", body = SyncResult),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
-        (status = 409, description = "A pass is already running (its id in pass_id)", body = ErrorBody),
+        (status = 409, description = "A pass is already running (its id in pass_id), or the bridge is paused (error `paused`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Unknown mode or not an object", body = ErrorBody),
@@ -274,7 +289,7 @@ pub async fn post_sync(
         (status = 200, description = "The pass ran; its summary", body = SyncResult),
         (status = 400, description = "Unknown mode", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
-        (status = 409, description = "A pass is already running (its id in pass_id)", body = ErrorBody),
+        (status = 409, description = "A pass is already running (its id in pass_id), or the bridge is paused (error `paused`)", body = ErrorBody),
         (status = 503, description = "The pass failed on a store", body = ErrorBody),
     ))]
 pub async fn get_sync(
@@ -285,6 +300,60 @@ pub async fn get_sync(
         .parse()
         .map_err(|e: String| ApiError::bad_request("bad_mode", e))?;
     run_pass(&s, mode).await
+}
+
+/// The offline switch's state: the reply of `POST /api/sync/pause` and `/resume`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PauseState {
+    /// Paused: changes are captured and held, nothing is applied.
+    pub paused: bool,
+    /// Whether this request changed it (false when it already was so).
+    pub changed: bool,
+    /// Resumed, still applying what was held (oldest first).
+    pub draining: bool,
+    /// Records waiting to be applied: held while paused plus failed ones waiting for a retry.
+    pub pending: i64,
+    /// Age of the oldest record waiting to be applied, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_secs: Option<i64>,
+}
+
+async fn pause_state(s: &ApiState, changed: bool) -> Result<PauseState, ApiError> {
+    let q = s.engine.queue.counts().await.map_err(ApiError::store)?;
+    Ok(PauseState {
+        paused: s.engine.is_paused(),
+        changed,
+        draining: s.engine.is_draining(),
+        pending: q.held + q.pending,
+        oldest_pending_age_secs: q.oldest_waiting_age_ms.map(|ms| ms / 1000),
+    })
+}
+
+/// Pauses the bridge (the offline switch): listeners keep capturing changes, which are held
+/// durably in order; nothing is applied to either store until resume. Persisted: a restarted
+/// bridge stays paused. Replies once the batch being applied, if any, has finished.
+#[utoipa::path(post, path = "/api/sync/pause", tag = "sync",
+    responses(
+        (status = 200, description = "Paused (changed is false if it already was)", body = PauseState),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 503, description = "The state database could not record it; nothing changed", body = ErrorBody),
+    ))]
+pub async fn pause(State(s): St) -> Result<axum::Json<PauseState>, ApiError> {
+    let changed = s.engine.pause().await.map_err(ApiError::store)?;
+    Ok(axum::Json(pause_state(&s, changed).await?))
+}
+
+/// Resumes a paused bridge: the held changes are applied oldest first, then normal operation
+/// continues. `pending` in status counts down while they drain.
+#[utoipa::path(post, path = "/api/sync/resume", tag = "sync",
+    responses(
+        (status = 200, description = "Resumed (changed is false if it was not paused)", body = PauseState),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 503, description = "The state database could not record it; nothing changed", body = ErrorBody),
+    ))]
+pub async fn resume(State(s): St) -> Result<axum::Json<PauseState>, ApiError> {
+    let changed = s.engine.resume().await.map_err(ApiError::store)?;
+    Ok(axum::Json(pause_state(&s, changed).await?))
 }
 
 /// Per-side counters.
@@ -393,7 +462,43 @@ pub struct SyncStatus {
     pub queue: QueueStatus,
     /// Conflicts: parked for a person, decided and kept for audit, counts by policy and outcome.
     pub conflicts: ConflictStatus,
+    /// Paused by the offline switch (`POST /api/sync/pause`): changes are held, not applied.
+    pub paused: bool,
+    /// Resumed, still applying the held changes (oldest first).
+    pub draining: bool,
+    /// Records waiting to be applied: held while paused plus failed ones waiting for a retry.
+    pub pending: i64,
+    /// Age of the oldest record waiting to be applied, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_secs: Option<i64>,
+    /// Per configured collection: pending, synced, failed, and the failures with their attempts
+    /// and last error.
+    pub by_collection: std::collections::BTreeMap<String, CollectionStatus>,
 }
+
+/// One collection, in status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CollectionStatus {
+    /// Records waiting to be applied (held + retrying).
+    pub pending: i64,
+    /// Of those, held while paused.
+    pub held: i64,
+    /// Of those, failed and waiting for a retry.
+    pub retrying: i64,
+    /// Writes that changed a store for this collection since the bridge started.
+    pub synced: u64,
+    /// Dead-lettered records (`GET /api/sync/failed`).
+    pub failed: i64,
+    /// Age of the oldest record waiting to be applied, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_secs: Option<i64>,
+    /// Records that failed at least once (dead letters first, at most
+    /// [`FAILURES_SHOWN`] of them), with their attempts and last error.
+    pub failures: Vec<super::conflicts::FailedView>,
+}
+
+/// Failures listed per collection in status; `GET /api/sync/failed` has them all.
+pub const FAILURES_SHOWN: i64 = 20;
 
 /// The retry queue, in status.
 #[derive(Debug, Serialize, ToSchema)]
@@ -402,9 +507,11 @@ pub struct QueueStatus {
     pub pending: i64,
     /// Dead-lettered records (`GET /api/sync/failed`).
     pub failed: i64,
-    /// Age of the oldest queued record, in ms.
+    /// Age of the oldest failed record (retrying or dead), in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_age_ms: Option<i64>,
+    /// Records held while paused, waiting for resume or for the drain after it.
+    pub held: i64,
 }
 
 /// Conflicts, in status.
@@ -476,6 +583,7 @@ pub async fn status(State(s): St) -> axum::Json<SyncStatus> {
         .lock()
         .ok()
         .and_then(|l| l.as_ref().map(PassSummary::from));
+    let q = queue_counts(&s).await;
     let pair = |p: crate::engine::stats::SidePair| Pair {
         local: p.local,
         cloud: p.cloud,
@@ -503,13 +611,11 @@ pub async fn status(State(s): St) -> axum::Json<SyncStatus> {
             rejected: pair(snap.rejected),
             failures: snap.errors,
         },
-        queue: {
-            let q = queue_counts(&s).await;
-            QueueStatus {
-                pending: q.pending,
-                failed: q.failed,
-                oldest_age_ms: q.oldest_age_ms,
-            }
+        queue: QueueStatus {
+            pending: q.pending,
+            failed: q.failed,
+            oldest_age_ms: q.oldest_age_ms,
+            held: q.held,
         },
         conflicts: {
             let (parked, logged) = s.engine.conflicts.counts().await.unwrap_or_default();
@@ -519,7 +625,51 @@ pub async fn status(State(s): St) -> axum::Json<SyncStatus> {
                 by_outcome: snap.conflict_outcomes.clone(),
             }
         },
+        paused: s.engine.is_paused(),
+        draining: s.engine.is_draining(),
+        pending: q.held + q.pending,
+        oldest_pending_age_secs: q.oldest_waiting_age_ms.map(|ms| ms / 1000),
+        by_collection: collection_status(&s, &snap.synced, now).await,
     })
+}
+
+/// The per-collection part of status; queue figures are zeros if the state database cannot be
+/// read right now (as for the totals).
+async fn collection_status(
+    s: &ApiState,
+    synced: &std::collections::BTreeMap<String, u64>,
+    now: i64,
+) -> std::collections::BTreeMap<String, CollectionStatus> {
+    let queue = &s.engine.queue;
+    let counts = queue.counts_by_collection().await.unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for c in &s.engine.config.sync.collections {
+        let q = counts.get(c).copied().unwrap_or_default();
+        let failures = if q.retrying + q.failed > 0 {
+            queue
+                .failures(c, FAILURES_SHOWN)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.insert(
+            c.clone(),
+            CollectionStatus {
+                pending: q.held + q.retrying,
+                held: q.held,
+                retrying: q.retrying,
+                synced: synced.get(c).copied().unwrap_or(0),
+                failed: q.failed,
+                oldest_pending_age_secs: q.oldest_waiting_ms.map(|t| (now - t).max(0) / 1000),
+                failures,
+            },
+        );
+    }
+    out
 }
 
 /// Health of one store.
@@ -578,6 +728,8 @@ pub struct Metrics {
     listener_up: IntGaugeVec,
     lag_ms: IntGaugeVec,
     pending: IntGauge,
+    held: IntGauge,
+    paused: IntGauge,
     pass_running: IntGauge,
     last_sweep_ms: IntGauge,
 }
@@ -655,6 +807,13 @@ impl Metrics {
             "Records waiting to be retried",
         )?;
         registry.register(Box::new(pending.clone()))?;
+        let held = IntGauge::new(
+            "syncbridge_held_records",
+            "Records captured while paused, waiting to be applied",
+        )?;
+        registry.register(Box::new(held.clone()))?;
+        let paused = IntGauge::new("syncbridge_paused", "1 while the bridge is paused")?;
+        registry.register(Box::new(paused.clone()))?;
         let pass_running = IntGauge::new(
             "syncbridge_pass_running",
             "1 while an on-demand or scheduled pass runs",
@@ -673,6 +832,8 @@ impl Metrics {
             listener_up,
             lag_ms,
             pending,
+            held,
+            paused,
             pass_running,
             last_sweep_ms,
         })
@@ -715,6 +876,8 @@ impl Metrics {
             }
         }
         self.pending.set(queue.pending);
+        self.held.set(queue.held);
+        self.paused.set(i64::from(state.engine.is_paused()));
         self.pass_running
             .set(i64::from(state.passes.running().is_some()));
         if let Some(r) = state

@@ -10,6 +10,7 @@ pub mod conflicts;
 pub mod echo;
 pub mod merge;
 pub mod order;
+pub mod pause;
 pub mod pipeline;
 pub mod policy;
 pub mod queue;
@@ -69,6 +70,8 @@ pub struct Engine {
     pub changes: tokio::sync::broadcast::Sender<pipeline::Changed>,
     /// Collections' dependency ranks (parents first), known once the stores are prepared.
     ranks: std::sync::RwLock<order::Ranks>,
+    /// The offline switch (see [`pause`]).
+    pub pause: pause::PauseSwitch,
 }
 
 /// What a reconcile (or a whole sweep) did, for logs, the CLI and the API.
@@ -150,7 +153,16 @@ impl Engine {
         let queue = RetryQueue::open(state.pool(), RetryPolicy::from_config(&config.sync)).await?;
         let conflicts = ConflictLog::open(state.pool()).await?;
         let counts = queue.counts().await?;
-        let queue_in_use = counts.pending + counts.failed > 0;
+        let queue_in_use = counts.pending + counts.failed + counts.held > 0;
+        // `[sync] paused` / SYNCBRIDGE_PAUSED, when set, win over the persisted flag.
+        let paused = match config.sync.paused {
+            Some(p) => {
+                queue.set_paused_flag(p).await?;
+                p
+            }
+            None => queue.paused_flag().await?.unwrap_or(false),
+        };
+        let pause = pause::PauseSwitch::new(paused, !paused && counts.held > 0);
         Ok(Engine {
             config,
             instance_id,
@@ -165,6 +177,7 @@ impl Engine {
             queue_in_use: AtomicBool::new(queue_in_use),
             changes: tokio::sync::broadcast::channel(1024).0,
             ranks: std::sync::RwLock::default(),
+            pause,
         })
     }
 
@@ -247,6 +260,7 @@ impl Engine {
         deleted_at: &DeleteHints,
     ) -> Summary {
         let mut summary = Summary::default();
+        let started_ms = now_ms();
         let mut pending: Vec<String> = ids
             .iter()
             .cloned()
@@ -298,8 +312,9 @@ impl Engine {
                 FailureKind::Store,
             )
         }));
-        self.settle_queue(collection, ids, failed, &mut summary)
+        self.settle_queue(collection, ids, failed, &mut summary, started_ms)
             .await;
+        self.stats.count_synced(collection, summary.writes());
         summary
     }
 
@@ -310,6 +325,7 @@ impl Engine {
         ids: &[String],
         failed: Vec<(String, String, FailureKind)>,
         summary: &mut Summary,
+        started_ms: i64,
     ) {
         if !failed.is_empty() {
             self.queue_in_use.store(true, Ordering::Relaxed);
@@ -328,21 +344,31 @@ impl Engine {
                 .filter(|id| !failed_ids.contains(id))
                 .cloned()
                 .collect();
-            if let Err(e) = self.queue.remove(collection, &synced).await {
+            // A change that joined an entry after this reconcile began keeps it queued.
+            if let Err(e) = self
+                .queue
+                .remove_settled(collection, &synced, started_ms)
+                .await
+            {
                 warn!(error = %format!("{e:#}"), "could not clear synced records from the retry queue");
             }
         }
     }
 
-    /// Reconciles the queued records that are due. Returns how many were attempted.
+    /// Reconciles the queued records that are due: keys held while paused first, in the order
+    /// they were first seen, then failed records. Returns how many were attempted; none while
+    /// paused.
     pub async fn drain_queue(&self, mode: Mode) -> Result<usize> {
-        if !self.queue_in_use.load(Ordering::Relaxed) {
+        if !self.queue_in_use.load(Ordering::Relaxed) || self.is_paused() {
             return Ok(0);
+        }
+        if let Some(n) = self.drain_held(mode).await? {
+            return Ok(n);
         }
         let due = self.queue.due(self.config.sync.batch_size as i64).await?;
         if due.is_empty() {
             let counts = self.queue.counts().await?;
-            if counts.pending + counts.failed == 0 {
+            if counts.pending + counts.failed + counts.held == 0 {
                 self.queue_in_use.store(false, Ordering::Relaxed);
             }
             return Ok(0);
@@ -417,6 +443,7 @@ impl Engine {
         Ok(Status {
             instance_id: self.instance_id.clone(),
             mode: self.config.sync.mode,
+            paused: self.is_paused(),
             local: self.local.describe(),
             cloud: self.cloud.describe(),
             counters: self.stats.snapshot(),
@@ -760,6 +787,8 @@ pub struct Status {
     pub instance_id: String,
     /// The configured mode.
     pub mode: Mode,
+    /// Paused by the offline switch.
+    pub paused: bool,
     /// The local store, redacted.
     pub local: String,
     /// The cloud store, redacted.

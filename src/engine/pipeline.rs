@@ -146,6 +146,9 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     // `None` where a record was read without a document (not a valid record).
     let mut records_seen: HashMap<(String, String), Vec<Option<Version>>> = HashMap::new();
     let mut acks = Vec::with_capacity(batches.len());
+    // Paused (or draining what was held): the keys are held in arrival order, not applied.
+    let holding = engine.holding();
+    let mut arrival: Vec<(String, String)> = Vec::new();
     for batch in batches {
         let side = batch.side;
         engine.stats.event_seen(side, batch.records.len() as u64);
@@ -165,6 +168,9 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
                 .entry((r.collection.clone(), r.id.clone()))
                 .or_default()
                 .push(version);
+            if holding {
+                arrival.push((r.collection.clone(), r.id.clone()));
+            }
             let rank = engine.rank(&r.collection) as isize;
             let key = match r.op {
                 Op::Delete => (true, -rank, r.collection),
@@ -180,6 +186,14 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     }
     let mut applied = true;
     let mut echoes = own;
+    if holding {
+        let (held, echoed) = hold_in_order(engine, arrival, &by_collection, &records_seen).await;
+        applied = held;
+        echoes += echoed;
+        by_collection.clear();
+    }
+    // Keys left unapplied because the bridge was paused while this batch was being applied.
+    let mut late: Vec<super::queue::HeldKey> = Vec::new();
     for ((_, _, collection), (mut ids, deleted_at)) in by_collection {
         ids.sort();
         ids.dedup();
@@ -214,6 +228,14 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
             }
         }
         for chunk in ids.chunks(engine.config.sync.batch_size) {
+            if engine.is_paused() {
+                late.extend(
+                    chunk
+                        .iter()
+                        .map(|id| (collection.clone(), id.clone(), hints(&deleted_at, id))),
+                );
+                continue;
+            }
             let summary = engine
                 .reconcile(&collection, chunk, engine.config.sync.mode, &deleted_at)
                 .await;
@@ -221,6 +243,10 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
             echoes += summary.in_sync;
             applied &= summary.unfinished == 0;
         }
+    }
+    if let Err(e) = engine.hold(&late).await {
+        warn!(error = %format!("{e:#}"), "could not record the held changes; the batch will be replayed");
+        applied = false;
     }
     super::stats::Stats::bump(&engine.stats.echoes_suppressed, echoes);
     for (collection, ids) in touched {
@@ -237,6 +263,58 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
             Err(e) => {
                 warn!(%side, error = %format!("{e:#}"), "could not settle a batch; it will be replayed")
             }
+        }
+    }
+}
+
+/// The deletion times a listener learned for `id`, per side.
+fn hints(deleted_at: &DeleteHints, id: &str) -> [Option<i64>; 2] {
+    [Side::Local, Side::Cloud].map(|side| deleted_at.get(&(side, id.to_string())).copied())
+}
+
+/// Holds a batch's keys (paused, or draining): echoes of the bridge's own writes are dropped as
+/// usual, the rest is recorded in the order it arrived, each key once, with the deletion times
+/// the listeners learned. Returns whether the keys are durable (the batch may be settled) and
+/// how many echoes were dropped.
+async fn hold_in_order(
+    engine: &Engine,
+    arrival: Vec<(String, String)>,
+    by_collection: &BTreeMap<(bool, isize, String), (Vec<String>, DeleteHints)>,
+    records_seen: &HashMap<(String, String), Vec<Option<Version>>>,
+) -> (bool, u64) {
+    let mut skip: std::collections::HashSet<(String, String)> = Default::default();
+    let mut all_hints: HashMap<&str, DeleteHints> = HashMap::new();
+    for ((_, _, collection), (ids, deleted_at)) in by_collection {
+        all_hints
+            .entry(collection.as_str())
+            .or_default()
+            .extend(deleted_at.iter().map(|(k, v)| (k.clone(), *v)));
+        let mut ids = ids.clone();
+        ids.sort();
+        ids.dedup();
+        match engine.echoes(collection, &ids, records_seen).await {
+            Ok(echo_ids) => skip.extend(echo_ids.into_iter().map(|id| (collection.clone(), id))),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "could not read agreed versions; holding everything")
+            }
+        }
+    }
+    let echoes = skip.len() as u64;
+    let keys: Vec<super::queue::HeldKey> = arrival
+        .into_iter()
+        .filter_map(|key| {
+            if !skip.insert(key.clone()) {
+                return None; // an echo, or a key already taken from this batch
+            }
+            let deleted = hints(&all_hints[key.0.as_str()], &key.1);
+            Some((key.0, key.1, deleted))
+        })
+        .collect();
+    match engine.hold(&keys).await {
+        Ok(()) => (true, echoes),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "could not record the held changes; the batch will be replayed");
+            (false, echoes)
         }
     }
 }
@@ -331,9 +409,13 @@ async fn sweeper(
         now + Duration::from_secs(365 * 86_400)
     };
     loop {
-        let wake = next_incremental
-            .min(next_full)
-            .min(tokio::time::Instant::now() + RETRY_EVERY);
+        let soon = tokio::time::Instant::now() + RETRY_EVERY;
+        // While changes are held, due sweeps wait (a resume or a held key wakes this early).
+        let wake = if engine.holding() {
+            soon
+        } else {
+            next_incremental.min(next_full).min(soon)
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             req = requests.recv() => match req {
@@ -341,17 +423,32 @@ async fn sweeper(
                 None => return,
             },
             _ = tokio::time::sleep_until(wake) => {}
+            _ = engine.pause.woken() => {}
         }
-        // Drain what is due in the retry queue, a batch at a time, yielding to shutdown.
+        // Paused: nothing is applied, not even retries; due sweeps run after the resume.
+        if engine.is_paused() {
+            continue;
+        }
+        // Drain what is due in the retry queue, a batch at a time, yielding to shutdown; after
+        // a resume, the held keys first, until none are left.
         loop {
             match engine.drain_queue(cfg.mode).await {
-                Ok(n) if n >= cfg.batch_size && !shutdown.is_cancelled() => continue,
+                Ok(n)
+                    if (n >= cfg.batch_size || (n > 0 && engine.is_draining()))
+                        && !shutdown.is_cancelled() =>
+                {
+                    continue;
+                }
                 Ok(_) => break,
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "could not read the retry queue");
                     break;
                 }
             }
+        }
+        // Sweeps wait until the held backlog is applied, so they cannot overtake it.
+        if engine.holding() {
+            continue;
         }
         let now = tokio::time::Instant::now();
         let full = now >= next_full;
@@ -370,6 +467,8 @@ async fn sweeper(
                 }
             }
             Ok(_) => next_incremental = now + RETRY_EVERY,
+            // Paused under the sweep: it runs again after the resume.
+            Err(e) if e.is::<super::pause::Paused>() => {}
             Err(e) => {
                 warn!(error = %format!("{e:#}"), full, "sweep failed; trying again shortly");
                 super::stats::Stats::bump(&engine.stats.errors, 1);

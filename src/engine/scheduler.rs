@@ -5,6 +5,7 @@
 //! run at a time, whoever started it, and gives each an id, so a second request can be told
 //! which pass is running instead of starting another. The pipeline's own periodic sweeps are
 //! separate and safe to overlap: every reconcile round holds the engine's reconcile lock.
+//! While the bridge is paused, scheduled passes are skipped and on-demand ones refused.
 
 use super::Engine;
 use super::policy::Mode;
@@ -196,6 +197,10 @@ impl Schedule {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+            }
+            if engine.is_paused() {
+                info!("the bridge is paused; skipping this scheduled pass");
+                continue;
             }
             match passes.try_begin(engine.config.sync.mode, Trigger::Schedule) {
                 Ok(guard) => {

@@ -89,6 +89,8 @@ pub struct Stats {
     health: Mutex<[StoreHealth; 2]>,
     /// Conflicts by `policy:outcome` (`lww:cloud`, `merge:merged`, `manual:parked`, ...).
     conflict_outcomes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Writes that changed a store, per collection (the per-collection status's `synced`).
+    synced: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 fn idx(side: Side) -> usize {
@@ -136,6 +138,21 @@ impl Stats {
             .or_default() += 1;
     }
 
+    /// Counts `n` writes that changed a store for `collection` (one lock per reconcile, not per
+    /// record).
+    pub fn count_synced(&self, collection: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut synced = self.synced.lock().expect("synced lock");
+        match synced.get_mut(collection) {
+            Some(c) => *c += n,
+            None => {
+                synced.insert(collection.to_string(), n);
+            }
+        }
+    }
+
     /// A serializable copy of everything.
     pub fn snapshot(&self) -> StatsSnapshot {
         let h = self.health.lock().expect("health lock").clone();
@@ -157,6 +174,7 @@ impl Stats {
                 .lock()
                 .expect("conflict outcome lock")
                 .clone(),
+            synced: self.synced.lock().expect("synced lock").clone(),
             local: h[0].clone(),
             cloud: h[1].clone(),
         }
@@ -179,6 +197,7 @@ pub struct StatsSnapshot {
     pub rejected: SidePair,
     pub errors: u64,
     pub conflict_outcomes: std::collections::BTreeMap<String, u64>,
+    pub synced: std::collections::BTreeMap<String, u64>,
     pub local: StoreHealth,
     pub cloud: StoreHealth,
 }

@@ -8,6 +8,13 @@
 //! start-up and at their own, longer interval. Every difference found goes through the same
 //! [`Engine::reconcile`] as listener events. Scans go page by page; nothing holds the whole
 //! store in memory.
+//!
+//! A paused bridge (see [`super::pause`]) does not sweep: a sweep stops with
+//! [`Paused`](super::pause::Paused) at its next page when the bridge is paused under it, and the
+//! pipeline runs the sweeps that fell due once the held changes are applied. (Recording what a
+//! sweep finds as held instead would hold every record a full sweep scans; the listeners
+//! already hold what changes while paused, and the first sweep after the resume finds anything
+//! they missed.)
 
 use super::policy::Mode;
 use super::{Engine, Summary};
@@ -49,6 +56,14 @@ impl Engine {
         let batch = self.config.sync.batch_size;
         let margin = self.config.sync.sweep_margin_secs as i64 * 1000;
         let no_hints = HashMap::new();
+        let paused = || {
+            if self.is_paused() {
+                Err(anyhow::Error::new(super::pause::Paused))
+            } else {
+                Ok(())
+            }
+        };
+        paused()?;
         for collection in &self.config.sync.collections {
             let marks = self.state.sweep_marks(collection).await?;
             let since = if full {
@@ -61,6 +76,7 @@ impl Engine {
                 let store = self.store(side);
                 let mut cursor = None;
                 loop {
+                    paused()?;
                     let page = store.scan(collection, since, cursor, batch).await?;
                     // Invalid values go through reconcile too: it counts them and queues them
                     // (dead-lettered after their attempts), as it would a listener's.
@@ -86,6 +102,7 @@ impl Engine {
                 // Records agreed as live that a side no longer has: deleted while unobserved.
                 let mut after = String::new();
                 loop {
+                    paused()?;
                     let ids = self
                         .state
                         .live_ids(collection, &after, batch as i64)
