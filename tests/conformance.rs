@@ -643,7 +643,7 @@ async fn abandoned_consumers_are_dropped_and_may_come_back() {
                         .await
                         .expect("store opens"),
                 );
-                s.prepare(&[c.clone()]).await.expect("prepare");
+                s.prepare(std::slice::from_ref(&c)).await.expect("prepare");
                 s
             }
         };
