@@ -47,6 +47,11 @@ pub struct SyncConfig {
     pub retry_max_secs: u64,
     /// Days the losing version of a decided conflict is kept for audit.
     pub conflict_retention_days: u64,
+    /// Days a bridge registered on a SQL store's change log may stay unseen before the other
+    /// bridges drop its registration and its log rows (so a bridge that never comes back does
+    /// not make the log grow forever). One that comes back later registers again and runs a
+    /// full sweep.
+    pub consumer_retention_days: u64,
     /// Documents larger than this (canonical JSON bytes) are not synced: dead-lettered with the
     /// reason. 16 MiB is MongoDB's limit, the smallest of the supported stores.
     pub max_doc_bytes: usize,
@@ -75,6 +80,7 @@ impl Default for SyncConfig {
             retry_max_secs: 60,
             max_doc_bytes: 16 * 1024 * 1024,
             conflict_retention_days: 30,
+            consumer_retention_days: 7,
             schedule: None,
             paused: None,
         }
@@ -413,6 +419,11 @@ impl Config {
         }
         if self.sync.sweep_interval_secs == 0 || self.sync.full_sweep_interval_secs == 0 {
             bail!("sweep intervals must be at least one second");
+        }
+        if self.sync.consumer_retention_days == 0 {
+            bail!(
+                "sync.consumer_retention_days must be at least 1: a shorter one would drop running bridges' change logs"
+            );
         }
         if self.sync.batch_size == 0 {
             bail!("sync.batch_size must be at least 1");

@@ -97,9 +97,15 @@ async fn no_echo_loop(lk: Kind, ck: Kind) {
         s.applied.cloud, 1,
         "cloud received exactly one apply: {s:?}"
     );
+    // PostgreSQL and MySQL know the writer and log no change of the bridge's own for it; the
+    // other stores' applies come back and are recognized.
+    let returning = [lk, ck]
+        .iter()
+        .filter(|k| !matches!(k, Kind::Postgres | Kind::Mysql))
+        .count() as u64;
     assert!(
-        s.echoes_suppressed >= 2,
-        "each apply came back once and was recognized: {s:?}"
+        s.echoes_suppressed >= returning,
+        "each apply that comes back came back once and was recognized: {s:?}"
     );
     assert_eq!(s.conflicts.local + s.conflicts.cloud, 0, "{s:?}");
     bridge.stop().await;

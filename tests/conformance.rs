@@ -36,18 +36,23 @@ async fn open(kind: Kind, layout: Layout) -> (TestStore, Arc<dyn Store>, String)
         .await
         .expect("store opens");
     let c = collection("conf");
+    if layout == Layout::Typed {
+        ts.create_typed_table(&c);
+    }
+    prepare(&store, &c, layout).await;
+    (ts, store, c)
+}
+
+/// Prepares `store` for collection `c` in `layout` (the typed table must exist).
+async fn prepare(store: &Arc<dyn Store>, c: &str, layout: Layout) {
     match layout {
-        Layout::Own => store
-            .prepare(std::slice::from_ref(&c))
-            .await
-            .expect("prepare"),
+        Layout::Own => store.prepare(&[c.to_string()]).await.expect("prepare"),
         Layout::Typed => {
-            ts.create_typed_table(&c);
             store.prepare(&[]).await.expect("prepare");
             store
                 .prepare_tables(&[stores::TableSpec {
-                    collection: c.clone(),
-                    table: c.clone(),
+                    collection: c.to_string(),
+                    table: c.to_string(),
                     key: "id".into(),
                     updated_at: "updated_at".into(),
                     columns: None,
@@ -57,7 +62,6 @@ async fn open(kind: Kind, layout: Layout) -> (TestStore, Arc<dyn Store>, String)
                 .expect("typed table maps");
         }
     }
-    (ts, store, c)
 }
 
 fn upsert(c: &str, id: &str, name: &str, at: i64) -> ChangeRecord {
@@ -459,6 +463,56 @@ async fn invalid_values_are_reported(kind: Kind, layout: Layout) {
     );
 }
 
+/// Two bridges on one database (stores opened with different instance ids) each hear every
+/// direct write, and one settling its delivery takes nothing from the other: with a durable
+/// change log, the other's unsettled changes come back when it listens again. Each also hears
+/// the other's writes (foreign changes for it, tagged with the writer where the store can say).
+async fn every_consumer_hears_every_write(kind: Kind, layout: Layout) {
+    let (ts, a, c) = open(kind, layout).await;
+    let other = format!(
+        "conformance-other-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let b = stores::open(&ts.uri, &other).await.expect("store opens");
+    prepare(&b, &c, layout).await;
+    let mut la = listen(&a, &c, None);
+    let mut lb = listen(&b, &c, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = now_ms();
+    ts.put(&c, "x", &json!({ "name": "x", "updatedAt": format_ts(t) }));
+    ts.put(
+        &c,
+        "y",
+        &json!({ "name": "y", "updatedAt": format_ts(t + 1) }),
+    );
+    let (_, acks) = la.collect(&["x", "y"]).await;
+    for ack in acks {
+        a.settle(ack, true).await.unwrap();
+    }
+    lb.collect(&["x", "y"]).await;
+    // b's own apply is a foreign change for a.
+    apply_one(&b, &c, upsert(&c, "z", "from b", t + 2), None).await;
+    let (recs, acks) = la.collect(&["z"]).await;
+    let z = recs.iter().find(|r| r.id == "z").unwrap();
+    assert_eq!(z.doc.as_ref().unwrap()["name"], "from b");
+    assert_ne!(
+        z.origin,
+        Origin::Bridge("conformance-instance".into()),
+        "b's write is not a's own"
+    );
+    for ack in acks {
+        a.settle(ack, true).await.unwrap();
+    }
+    la.stop().await;
+    lb.stop().await;
+    if b.capabilities().durable_changes {
+        // b settled nothing: all of it is still in b's log, whatever a settled.
+        let mut lb = listen(&b, &c, None);
+        lb.collect(&["x", "y"]).await;
+        lb.stop().await;
+    }
+}
+
 macro_rules! conformance {
     ($(#[$gate:meta])* $store:ident, $kind:expr) => {
         conformance!($(#[$gate])* $store, $kind, Layout::Own);
@@ -510,6 +564,15 @@ macro_rules! conformance {
                     return;
                 }
                 super::checkpoint_resumes($kind, $layout).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$gate])*
+            async fn every_consumer_hears_every_write() {
+                if !common::available($kind) {
+                    return;
+                }
+                super::every_consumer_hears_every_write($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,5 +704,150 @@ async fn typed_tables_stamp_updates_that_leave_the_time_alone() {
             Some(t),
             "{kind:?}: an UPDATE that states its time keeps it"
         );
+    }
+}
+
+/// Change-log rows waiting for `consumer` in a SQL test store.
+fn log_rows(ts: &TestStore, consumer: &str) -> usize {
+    ts.raw(&[&format!(
+        "SELECT COUNT(*) FROM _syncbridge_changes WHERE consumer = '{consumer}'"
+    )])
+    .trim()
+    .parse()
+    .expect("a count")
+}
+
+/// A consumer unseen for the retention period is dropped, with its rows, by another bridge's
+/// `prepare`; nothing is logged for it afterwards. When it comes back, its listener reports its
+/// position lost (the engine then runs a full sweep), and it hears writes again. Each SQL
+/// dialect, in a database of its own (a one-second retention would drop other tests' bridges).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_consumers_are_dropped_and_may_come_back() {
+    use syncbridge::stores::sql::{SqlOptions, SqlStore};
+    for kind in [Kind::Sqlite, Kind::Postgres, Kind::Mysql] {
+        let ts = TestStore::fresh_database(kind);
+        let c = collection("gone");
+        let short = SqlOptions {
+            consumer_retention: Duration::from_secs(1),
+            ..SqlOptions::default()
+        };
+        let connect = |id: &'static str| {
+            let (uri, short, c) = (ts.uri.clone(), short.clone(), c.clone());
+            async move {
+                let s: Arc<dyn Store> = Arc::new(
+                    SqlStore::connect_with(&uri, id, short)
+                        .await
+                        .expect("store opens"),
+                );
+                s.prepare(std::slice::from_ref(&c)).await.expect("prepare");
+                s
+            }
+        };
+        let gone = connect("gone-bridge").await;
+        let t = now_ms();
+        ts.put(&c, "a", &json!({ "name": "a", "updatedAt": format_ts(t) }));
+        assert_eq!(log_rows(&ts, "gone-bridge"), 1, "{kind:?}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let live = connect("live-bridge").await;
+        assert_eq!(
+            log_rows(&ts, "gone-bridge"),
+            0,
+            "{kind:?}: dropped with its rows"
+        );
+        ts.put(
+            &c,
+            "b",
+            &json!({ "name": "b", "updatedAt": format_ts(t + 1) }),
+        );
+        assert_eq!(log_rows(&ts, "gone-bridge"), 0, "{kind:?}");
+        assert_eq!(log_rows(&ts, "live-bridge"), 1, "{kind:?}");
+
+        gone.prepare(std::slice::from_ref(&c)).await.unwrap();
+        let l = listen(&gone, &c, None);
+        let err = l.task.await.unwrap().expect_err("the gap is reported");
+        assert!(
+            err.chain().any(|e| e.is::<stores::PositionLost>()),
+            "{kind:?}: {err:#}"
+        );
+        let mut l = listen(&gone, &c, None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ts.put(
+            &c,
+            "c",
+            &json!({ "name": "c", "updatedAt": format_ts(t + 2) }),
+        );
+        l.collect(&["c"]).await;
+        l.stop().await;
+        drop((gone, live));
+        if kind != Kind::Sqlite {
+            ts.drop_database();
+        }
+    }
+}
+
+/// A database prepared by the version before consumers (a change log without a `consumer`
+/// column, triggers that log one row per change) is upgraded by `prepare`: the rows already
+/// logged reach the bridge of their collection, and the recreated triggers log for every
+/// consumer. Each SQL dialect, in a database of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_log_of_the_previous_version_is_upgraded() {
+    for kind in [Kind::Sqlite, Kind::Postgres, Kind::Mysql] {
+        let ts = TestStore::fresh_database(kind);
+        let c = collection("old");
+        // The previous version's schema, as it made it (the insert trigger is enough).
+        let old: Vec<String> = match kind {
+            Kind::Sqlite => vec![
+                format!("CREATE TABLE \"{c}\" (id TEXT PRIMARY KEY, doc TEXT NOT NULL, updated_at TEXT NOT NULL)"),
+                "CREATE TABLE _syncbridge_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, \
+                 id TEXT NOT NULL, origin TEXT, changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))".into(),
+                format!("CREATE TRIGGER \"_syncbridge_{c}_ins\" AFTER INSERT ON \"{c}\" \
+                 BEGIN INSERT INTO _syncbridge_changes(collection, id) VALUES ('{c}', NEW.id); END"),
+            ],
+            Kind::Postgres => vec![
+                format!("CREATE TABLE \"{c}\" (id TEXT PRIMARY KEY, doc JSONB NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now())"),
+                "CREATE TABLE _syncbridge_changes (seq BIGSERIAL PRIMARY KEY, collection TEXT NOT NULL, id TEXT NOT NULL, \
+                 origin TEXT, changed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())".into(),
+                "CREATE FUNCTION _syncbridge_capture() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN \
+                 INSERT INTO _syncbridge_changes(collection, id) VALUES (TG_ARGV[0], NEW.id); RETURN NULL; END $fn$".into(),
+                format!("CREATE TRIGGER \"_syncbridge_capture\" AFTER INSERT OR UPDATE OR DELETE ON \"{c}\" \
+                 FOR EACH ROW EXECUTE FUNCTION _syncbridge_capture('{c}')"),
+            ],
+            Kind::Mysql => vec![
+                format!("CREATE TABLE \"{c}\" (id VARCHAR(255) NOT NULL PRIMARY KEY, doc LONGTEXT NOT NULL, \
+                 updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"),
+                "CREATE TABLE _syncbridge_changes (seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, collection VARCHAR(64) NOT NULL, \
+                 id VARCHAR(255) NOT NULL, origin TEXT, changed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))".into(),
+                format!("CREATE TRIGGER \"_syncbridge_{c}_ins\" AFTER INSERT ON \"{c}\" FOR EACH ROW \
+                 INSERT INTO _syncbridge_changes(collection, id, origin) VALUES ('{c}', NEW.id, @syncbridge_origin)"),
+            ],
+            _ => unreachable!(),
+        };
+        for sql in &old {
+            ts.raw(&[sql]);
+        }
+        let t = now_ms();
+        ts.put(
+            &c,
+            "logged-before",
+            &json!({ "name": "old", "updatedAt": format_ts(t) }),
+        );
+        let store = stores::open(&ts.uri, "upgraded-bridge").await.unwrap();
+        store.prepare(std::slice::from_ref(&c)).await.unwrap();
+        let mut l = listen(&store, &c, None);
+        l.collect(&["logged-before"]).await;
+        ts.put(
+            &c,
+            "logged-after",
+            &json!({ "name": "new", "updatedAt": format_ts(t + 1) }),
+        );
+        l.collect(&["logged-after"]).await;
+        l.stop().await;
+        assert!(
+            log_rows(&ts, "upgraded-bridge") >= 1,
+            "{kind:?}: the new trigger logs per consumer"
+        );
+        if kind != Kind::Sqlite {
+            ts.drop_database();
+        }
     }
 }

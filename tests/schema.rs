@@ -165,8 +165,8 @@ async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBrid
 async fn the_shop_schema_syncs_between_two_mariadb_databases() {
     let server = TestStore::new(Kind::Mysql);
     let (db_a, db_b, dir) = (
-        server.fresh_database("db_a"),
-        server.fresh_database("db_b"),
+        server.new_database("db_a"),
+        server.new_database("db_b"),
         data_dir(),
     );
     db_a.raw(&[&mysql_schema(100)]);
@@ -179,8 +179,8 @@ async fn the_shop_schema_syncs_between_two_mariadb_databases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_schema_syncs_to_a_central_postgresql() {
     let (db_a, central, dir) = (
-        TestStore::new(Kind::Mysql).fresh_database("db_a"),
-        TestStore::new(Kind::Postgres).fresh_database("central"),
+        TestStore::new(Kind::Mysql).new_database("db_a"),
+        TestStore::new(Kind::Postgres).new_database("central"),
         data_dir(),
     );
     db_a.raw(&[&mysql_schema(100)]);
@@ -194,8 +194,8 @@ async fn the_shop_schema_syncs_to_a_central_postgresql() {
 async fn two_way_auto_increment_without_an_allocation_rule_is_refused_at_start() {
     let server = TestStore::new(Kind::Mysql);
     let (db_a, db_b, dir) = (
-        server.fresh_database("db_a"),
-        server.fresh_database("db_b"),
+        server.new_database("db_a"),
+        server.new_database("db_b"),
         data_dir(),
     );
     db_a.raw(&[&mysql_schema(100)]);
@@ -219,9 +219,9 @@ async fn two_way_auto_increment_without_an_allocation_rule_is_refused_at_start()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_round_trips_sql_redis_sql() {
     let (maria, redis, pg) = (
-        TestStore::new(Kind::Mysql).fresh_database("types_a"),
+        TestStore::new(Kind::Mysql).new_database("types_a"),
         TestStore::new(Kind::Redis),
-        TestStore::new(Kind::Postgres).fresh_database("types_b"),
+        TestStore::new(Kind::Postgres).new_database("types_b"),
     );
     maria.raw(&["CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount DECIMAL(20,6), \
          state ENUM('new','old'), tags SET('a','b','c'), day DATE, at_time TIME, \
@@ -322,8 +322,8 @@ async fn every_column_type_round_trips_sql_redis_sql() {
 async fn a_child_before_its_parent_waits_and_then_lands() {
     let server = TestStore::new(Kind::Mysql);
     let (db_a, db_b, dir) = (
-        server.fresh_database("db_a"),
-        server.fresh_database("db_b"),
+        server.new_database("db_a"),
+        server.new_database("db_b"),
         data_dir(),
     );
     db_a.raw(&[&mysql_schema(100)]);

@@ -184,8 +184,13 @@ impl Engine {
     /// Opens both stores named by `config` and the state in its data directory.
     pub async fn open(config: Config) -> Result<Engine> {
         let instance_id = instance_id(&config.data_dir)?;
-        let local = crate::stores::open(&config.local.uri, &instance_id).await?;
-        let cloud = crate::stores::open(&config.cloud.uri, &instance_id).await?;
+        let options = crate::stores::StoreOptions {
+            consumer_retention: std::time::Duration::from_secs(
+                config.sync.consumer_retention_days.saturating_mul(86_400),
+            ),
+        };
+        let local = crate::stores::open_with(&config.local.uri, &instance_id, &options).await?;
+        let cloud = crate::stores::open_with(&config.cloud.uri, &instance_id, &options).await?;
         Engine::new(config, instance_id, local, cloud).await
     }
 

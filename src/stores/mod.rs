@@ -260,14 +260,48 @@ pub fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Fatal>())
 }
 
-/// Opens the store a URI names.
+/// Settings a store takes from the configuration rather than its URI.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQL change-log consumers unseen this long are dropped (`sync.consumer_retention_days`).
+    pub consumer_retention: std::time::Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            consumer_retention: sql::DEFAULT_CONSUMER_RETENTION,
+        }
+    }
+}
+
+/// Opens the store a URI names, with default [`StoreOptions`].
 pub async fn open(uri: &str, instance_id: &str) -> Result<Arc<dyn Store>> {
+    open_with(uri, instance_id, &StoreOptions::default()).await
+}
+
+/// Opens the store a URI names, with settings from the configuration.
+pub async fn open_with(
+    uri: &str,
+    instance_id: &str,
+    options: &StoreOptions,
+) -> Result<Arc<dyn Store>> {
     install_tls_provider();
     let scheme = uri.split("://").next().unwrap_or_default();
     match scheme {
         "redis" | "rediss" => Ok(Arc::new(redis::RedisStore::connect(uri).await?)),
         "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb" => {
-            Ok(Arc::new(sql::SqlStore::connect(uri, instance_id).await?))
+            Ok(Arc::new(
+                sql::SqlStore::connect_with(
+                    uri,
+                    instance_id,
+                    sql::SqlOptions {
+                        consumer_retention: options.consumer_retention,
+                        ..sql::SqlOptions::default()
+                    },
+                )
+                .await?,
+            ))
         }
         "mongodb" | "mongodb+srv" => Ok(Arc::new(mongo::MongoStore::connect(uri).await?)),
         other => Err(Fatal(format!(

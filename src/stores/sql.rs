@@ -12,6 +12,19 @@
 //! On PostgreSQL the bridge's own transactions set `syncbridge.origin` to the instance id, and
 //! the trigger records it, so the listener can tag the bridge's own writes.
 //!
+//! **Many bridges, one database (fan-out).** Each bridge registers its instance id in
+//! `_syncbridge_consumers` when it prepares the store, and the triggers write one log row per
+//! registered consumer ([`Dialect::log_insert`]), except for the consumer that made the write
+//! (PostgreSQL and MySQL know the writer; SQLite does not, and logs for all). A bridge reads,
+//! settles (deletes) and consults only its own rows (`WHERE consumer = <instance id>`, on a
+//! `(consumer, seq)` index), so bridges sharing one PostgreSQL never take each other's changes,
+//! and one bridge's writes are foreign changes for all the others. The listener refreshes its
+//! consumer's `last_seen` every minute; a consumer unseen for `sync.consumer_retention_days`
+//! is dropped with its rows by whichever bridge notices (at `prepare`, and hourly), and the
+//! bridge, if it comes back, registers again and runs a full sweep for what it missed. A
+//! database prepared by an older version is upgraded in place by `prepare` (see
+//! [`SqlStore::upgrade_log`]).
+//!
 //! MySQL/MariaDB (`mysql://`) captures changes with triggers too, not by reading the row binlog:
 //! triggers work on any server and need no privilege beyond the tables (the binlog needs
 //! `REPLICATION SLAVE/CLIENT`, a server started with `log_bin` and `binlog_format=ROW`, which
@@ -29,8 +42,8 @@
 mod typed;
 
 use super::{
-    Ack, ApplyOutcome, Capabilities, ChangeBatch, ListenContext, ScanPage, Slot, Store,
-    StoredRecord, TableFacts, TableSpec, Write, redact_uri,
+    Ack, ApplyOutcome, Capabilities, ChangeBatch, ListenContext, PositionLost, ScanPage, Slot,
+    Store, StoredRecord, TableFacts, TableSpec, Write, redact_uri,
 };
 use crate::record::{
     ChangeRecord, Op, Origin, canonical_hash, canonical_json, format_ts, now_ms, parse_ts,
@@ -42,12 +55,29 @@ use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// The change-log table the triggers fill.
 pub const CHANGE_LOG: &str = "_syncbridge_changes";
+/// The bridges that read the change log: the triggers write one log row per registered,
+/// not dropped consumer (see [`Dialect::log_insert`]).
+pub const CONSUMERS: &str = "_syncbridge_consumers";
+/// The index that serves every change-log query of a consumer: `(consumer, seq)`.
+const LOG_CONSUMER_IDX: &str = "_syncbridge_changes_consumer_idx";
+/// The MySQL consumer column (indexed, so a bounded binary string).
+const MYSQL_CONSUMER_COL: &str =
+    "consumer VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL";
+/// How often a listener refreshes its consumer's `last_seen` (and checks it is still
+/// registered).
+const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(60);
+/// How often a listener drops consumers unseen for the retention period.
+const CONSUMER_CLEANUP_EVERY: Duration = Duration::from_secs(3600);
+/// How long a consumer may stay unseen before another bridge drops it (and its log rows),
+/// unless the configuration says otherwise (`sync.consumer_retention_days`).
+pub const DEFAULT_CONSUMER_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 /// SQLite rows whose UPDATE assigned updated_at, between the BEFORE and AFTER triggers.
 const TS_MARKS: &str = "_syncbridge_ts_marks";
 /// The NOTIFY channel PostgreSQL triggers signal (the bench listens to it too).
@@ -137,6 +167,60 @@ impl Dialect {
         }
     }
 
+    /// The statement a capture trigger runs to log one change of `id` (an SQL expression such
+    /// as `NEW.id`) in `collection` (an SQL expression: a quoted table name or `TG_ARGV[0]`),
+    /// when the optional condition `when` holds: one change-log row per registered consumer,
+    /// so every bridge reading this database gets its own copy of every change (fan-out) and
+    /// settles it without touching the others'. The consumer whose instance id is the
+    /// writing origin gets none: a bridge's own writes need not come back to it. SQLite
+    /// records no origin (a file has no session settings the bridge could tag), so there
+    /// every consumer gets every change and the engine recognizes its echoes as before.
+    ///
+    /// Every trigger that feeds the change log goes through here, so the fan-out rule lives in
+    /// one place.
+    fn log_insert(self, collection: &str, id: &str, when: Option<&str>) -> String {
+        let (origin, skip_own) = match self {
+            Dialect::Sqlite => ("NULL", String::new()),
+            Dialect::Postgres => (
+                "nullif(current_setting('syncbridge.origin', true), '')",
+                " AND name IS DISTINCT FROM nullif(current_setting('syncbridge.origin', true), '')"
+                    .to_string(),
+            ),
+            // The variable is compared under the names' own binary collation, whatever the
+            // session's collation is (a mix of two implicit collations is an error in MySQL).
+            Dialect::Mysql => (
+                "@syncbridge_origin",
+                " AND (@syncbridge_origin IS NULL OR \
+                 name <> CONVERT(@syncbridge_origin USING utf8mb4) COLLATE utf8mb4_bin)"
+                    .to_string(),
+            ),
+        };
+        let when = when.map(|w| format!(" AND ({w})")).unwrap_or_default();
+        format!(
+            "INSERT INTO {CHANGE_LOG}(consumer, collection, id, origin) \
+             SELECT name, {collection}, {id}, {origin} FROM {CONSUMERS} \
+             WHERE dropped_at IS NULL{skip_own}{when}"
+        )
+    }
+
+    /// The database's current time, as stored in the consumers table.
+    fn now_sql(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ','now')",
+            Dialect::Postgres => "now()",
+            Dialect::Mysql => "UTC_TIMESTAMP(6)",
+        }
+    }
+
+    /// The database's time `secs` seconds ago (a number, never user text).
+    fn ago_sql(self, secs: u64) -> String {
+        match self {
+            Dialect::Sqlite => format!("strftime('%Y-%m-%dT%H:%M:%fZ','now','-{secs} seconds')"),
+            Dialect::Postgres => format!("(now() - make_interval(secs => {secs}))"),
+            Dialect::Mysql => format!("(UTC_TIMESTAMP(6) - INTERVAL {secs} SECOND)"),
+        }
+    }
+
     /// Schema statements for one collection table, its index and its capture triggers.
     /// `key_collation` is the MySQL collation of ids (see [`SqlStore::mysql_key_collation`]).
     fn collection_ddl(self, table: &str, key_collation: &str) -> Vec<String> {
@@ -151,7 +235,8 @@ impl Dialect {
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_ins\" AFTER INSERT ON \"{table}\" \
-                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); END"
+                     BEGIN {}; END",
+                    self.log_insert(&format!("'{table}'"), "NEW.id", None)
                 ),
                 // An UPDATE that changes the document without assigning updated_at is a new
                 // version of unknown time: stamp it now, or last-writer-wins could take it for a
@@ -170,12 +255,14 @@ impl Dialect {
                        WHERE id = NEW.id AND NEW.updated_at = OLD.updated_at AND NEW.doc IS NOT OLD.doc \
                        AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{table}' AND id = NEW.id); \
                      DELETE FROM {TS_MARKS} WHERE collection = '{table}' AND id = NEW.id; \
-                     INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', NEW.id); \
-                     INSERT INTO {CHANGE_LOG}(collection, id) SELECT '{table}', OLD.id WHERE OLD.id <> NEW.id; END"
+                     {}; {}; END",
+                    self.log_insert(&format!("'{table}'"), "NEW.id", None),
+                    self.log_insert(&format!("'{table}'"), "OLD.id", Some("OLD.id <> NEW.id"))
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_del\" AFTER DELETE ON \"{table}\" \
-                     BEGIN INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{table}', OLD.id); END"
+                     BEGIN {}; END",
+                    self.log_insert(&format!("'{table}'"), "OLD.id", None)
                 ),
             ],
             Dialect::Postgres => vec![
@@ -218,32 +305,39 @@ impl Dialect {
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_ins\" AFTER INSERT ON \"{table}\" \
-                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                     VALUES ('{table}', NEW.id, @syncbridge_origin)"
+                     FOR EACH ROW {}",
+                    self.log_insert(&format!("'{table}'"), "NEW.id", None)
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_upd\" AFTER UPDATE ON \"{table}\" \
-                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                     SELECT '{table}', NEW.id, @syncbridge_origin \
-                     UNION ALL SELECT '{table}', OLD.id, @syncbridge_origin FROM DUAL WHERE OLD.id <> NEW.id"
+                     FOR EACH ROW BEGIN {}; {}; END",
+                    self.log_insert(&format!("'{table}'"), "NEW.id", None),
+                    self.log_insert(&format!("'{table}'"), "OLD.id", Some("OLD.id <> NEW.id"))
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{table}_del\" AFTER DELETE ON \"{table}\" \
-                     FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                     VALUES ('{table}', OLD.id, @syncbridge_origin)"
+                     FOR EACH ROW {}",
+                    self.log_insert(&format!("'{table}'"), "OLD.id", None)
                 ),
             ],
         }
     }
 
-    /// Schema statements shared by all collections: the change log (and the trigger function).
+    /// Schema statements shared by all collections: the consumers, the change log (and the
+    /// trigger function). A log made by a version before consumers is upgraded afterwards by
+    /// [`SqlStore::upgrade_log`]; its `(consumer, seq)` index is made there too.
     fn log_ddl(self) -> Vec<String> {
         match self {
             Dialect::Sqlite => vec![
                 format!(
+                    "CREATE TABLE IF NOT EXISTS {CONSUMERS} (name TEXT PRIMARY KEY, \
+                     last_seen TEXT NOT NULL, dropped_at TEXT)"
+                ),
+                format!(
                     "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
                      collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
-                     changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+                     changed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')), \
+                     consumer TEXT)"
                 ),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {TS_MARKS} (collection TEXT NOT NULL, id TEXT NOT NULL, \
@@ -252,23 +346,28 @@ impl Dialect {
             ],
             Dialect::Postgres => vec![
                 format!(
+                    "CREATE TABLE IF NOT EXISTS {CONSUMERS} (name TEXT PRIMARY KEY, \
+                     last_seen TIMESTAMPTZ NOT NULL, dropped_at TIMESTAMPTZ)"
+                ),
+                format!(
                     "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGSERIAL PRIMARY KEY, \
                      collection TEXT NOT NULL, id TEXT NOT NULL, origin TEXT, \
-                     changed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+                     changed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), consumer TEXT)"
                 ),
                 format!(
                     "CREATE OR REPLACE FUNCTION _syncbridge_capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
-                     DECLARE o TEXT := nullif(current_setting('syncbridge.origin', true), '');
                      BEGIN
                        IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.id IS DISTINCT FROM NEW.id) THEN
-                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES (TG_ARGV[0], OLD.id, o);
+                         {old_row};
                        END IF;
                        IF TG_OP <> 'DELETE' THEN
-                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES (TG_ARGV[0], NEW.id, o);
+                         {new_row};
                        END IF;
                        PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_ARGV[0]);
                        RETURN NULL;
-                     END $fn$"
+                     END $fn$",
+                    old_row = self.log_insert("TG_ARGV[0]", "OLD.id", None),
+                    new_row = self.log_insert("TG_ARGV[0]", "NEW.id", None),
                 ),
                 "CREATE OR REPLACE FUNCTION _syncbridge_mark() RETURNS trigger LANGUAGE plpgsql AS $fn$
                  BEGIN
@@ -287,12 +386,22 @@ impl Dialect {
                  END $fn$"
                     .to_string(),
             ],
-            Dialect::Mysql => vec![format!(
-                "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
-                 collection VARCHAR(64) NOT NULL, \
-                 id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, origin TEXT, \
-                 changed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE = InnoDB"
-            )],
+            // DATETIME, not TIMESTAMP, for the consumers: always written explicitly, in UTC,
+            // so no server default (explicit_defaults_for_timestamp) can stamp them.
+            Dialect::Mysql => vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {CONSUMERS} (\
+                     name VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY, \
+                     last_seen DATETIME(6) NOT NULL, dropped_at DATETIME(6) NULL) ENGINE = InnoDB"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+                     collection VARCHAR(64) NOT NULL, \
+                     id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, origin TEXT, \
+                     changed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+                     {MYSQL_CONSUMER_COL}, INDEX \"{LOG_CONSUMER_IDX}\" (consumer, seq)) ENGINE = InnoDB"
+                ),
+            ],
         }
     }
 }
@@ -307,6 +416,43 @@ pub struct SqlStore {
     in_flight: Arc<Mutex<HashSet<i64>>>,
     /// Collections kept in the application's own typed tables, by collection name.
     typed: RwLock<HashMap<String, Arc<typed::TypedTable>>>,
+    /// Consumers unseen this long are dropped, with their log rows.
+    consumer_retention: Duration,
+    /// Set by `prepare` when it found this bridge's consumer dropped (away longer than the
+    /// retention) and registered it again: changes made meanwhile were never logged for it, so
+    /// the next `listen` reports [`PositionLost`] and the engine runs a full sweep.
+    registration_lost: AtomicBool,
+}
+
+/// Connection settings of a [`SqlStore`] beyond its URI.
+#[derive(Debug, Clone)]
+pub struct SqlOptions {
+    /// Consumers of the change log unseen this long are dropped (`sync.consumer_retention_days`).
+    pub consumer_retention: Duration,
+    /// Most pooled connections; `None` for the default (4 for SQLite, 8 for a server). Many
+    /// bridges against one server may need fewer each.
+    pub max_connections: Option<u32>,
+}
+
+impl Default for SqlOptions {
+    fn default() -> Self {
+        SqlOptions {
+            consumer_retention: DEFAULT_CONSUMER_RETENTION,
+            max_connections: None,
+        }
+    }
+}
+
+/// Whether this bridge's consumer registration was found, when `prepare` made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// It was there and live: the log kept everything for it.
+    Live,
+    /// It was never there (a bridge new to this database, or a log made by an older version):
+    /// the engine's first sweep is a full one for a new bridge.
+    New,
+    /// It had been dropped as abandoned: changes meanwhile are not in the log.
+    Dropped,
 }
 
 /// A change-log row.
@@ -321,6 +467,15 @@ struct LogRow {
 impl SqlStore {
     /// Connects to a `sqlite://` (file created if missing), `postgres://` or `mysql://` URI.
     pub async fn connect(uri: &str, instance_id: &str) -> Result<SqlStore> {
+        Self::connect_with(uri, instance_id, SqlOptions::default()).await
+    }
+
+    /// [`Self::connect`] with settings beyond the URI.
+    pub async fn connect_with(
+        uri: &str,
+        instance_id: &str,
+        options: SqlOptions,
+    ) -> Result<SqlStore> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (dialect, conn_uri) = if uri.starts_with("sqlite:") {
@@ -338,7 +493,11 @@ impl SqlStore {
         };
         let origin = instance_id.to_string();
         let pool = AnyPoolOptions::new()
-            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
+            .max_connections(options.max_connections.unwrap_or(if dialect == Dialect::Sqlite {
+                4
+            } else {
+                8
+            }))
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
                 let origin = origin.clone();
@@ -380,6 +539,8 @@ impl SqlStore {
             instance_id: instance_id.to_string(),
             in_flight: Arc::default(),
             typed: RwLock::default(),
+            consumer_retention: options.consumer_retention,
+            registration_lost: AtomicBool::new(false),
         })
     }
 
@@ -463,16 +624,19 @@ impl SqlStore {
         behind: bool,
     ) -> Result<Vec<LogRow>> {
         let d = self.dialect;
-        let names: Vec<String> = (0..collections.len()).map(|i| d.p(i + 2)).collect();
+        let names: Vec<String> = (0..collections.len()).map(|i| d.p(i + 3)).collect();
         let sql = format!(
             "SELECT seq, collection, id, origin, {} AS changed_at FROM {CHANGE_LOG} \
-             WHERE seq {} {} AND collection IN ({}) ORDER BY seq LIMIT {LOG_BATCH}",
+             WHERE consumer = {} AND seq {} {} AND collection IN ({}) ORDER BY seq LIMIT {LOG_BATCH}",
             d.ts_text("changed_at"),
-            if behind { "<=" } else { ">" },
             d.p(1),
+            if behind { "<=" } else { ">" },
+            d.p(2),
             names.join(",")
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after);
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(self.instance_id.clone())
+            .bind(after);
         for c in collections {
             q = q.bind(c.clone());
         }
@@ -813,6 +977,231 @@ impl SqlStore {
 }
 
 impl SqlStore {
+    /// Brings a change log made by an older version up to date: adds the `consumer` column
+    /// (rows already there keep no consumer until a bridge of their collections adopts them, see
+    /// [`Self::register`]), makes the `(consumer, seq)` index, and drops the capture triggers
+    /// that do not fan out, so the collection DDL that follows makes them anew (SQLite and MySQL
+    /// only create a missing trigger; PostgreSQL's triggers call `_syncbridge_capture`, which
+    /// `log_ddl` has just replaced). On SQLite and PostgreSQL this runs in `prepare`'s
+    /// transaction, so no write goes unlogged in between; MySQL cannot make DDL transactional,
+    /// so there a write landing between the DROP and the CREATE of the one-time upgrade is
+    /// missed by the listener (the sweeps still find it).
+    async fn upgrade_log(&self, conn: &mut sqlx::AnyConnection) -> Result<()> {
+        let d = self.dialect;
+        let probe = match d {
+            Dialect::Sqlite => format!(
+                "SELECT COUNT(*) FROM pragma_table_info('{CHANGE_LOG}') WHERE name = 'consumer'"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() \
+                 AND table_name = '{CHANGE_LOG}' AND column_name = 'consumer'"
+            ),
+            Dialect::Mysql => format!(
+                "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+                 AND TABLE_NAME = '{CHANGE_LOG}' AND COLUMN_NAME = 'consumer'"
+            ),
+        };
+        let has: i64 = sqlx::query(AssertSqlSafe(probe))
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        if has == 0 {
+            let sql = match d {
+                Dialect::Mysql => format!(
+                    "ALTER TABLE {CHANGE_LOG} ADD COLUMN {MYSQL_CONSUMER_COL}, \
+                     ADD INDEX \"{LOG_CONSUMER_IDX}\" (consumer, seq)"
+                ),
+                _ => format!("ALTER TABLE {CHANGE_LOG} ADD COLUMN consumer TEXT"),
+            };
+            conn.execute(AssertSqlSafe(sql)).await?;
+            info!(store = %redact_uri(&self.uri), "change log upgraded: one copy per consumer");
+        }
+        if d != Dialect::Mysql {
+            conn.execute(AssertSqlSafe(format!(
+                "CREATE INDEX IF NOT EXISTS \"{LOG_CONSUMER_IDX}\" ON {CHANGE_LOG} (consumer, seq)"
+            )))
+            .await?;
+        }
+        let outdated = match d {
+            Dialect::Postgres => return Ok(()),
+            Dialect::Sqlite => format!(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' \
+                 AND sql LIKE '%{CHANGE_LOG}%' AND sql NOT LIKE '%{CONSUMERS}%'"
+            ),
+            Dialect::Mysql => format!(
+                "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() \
+                 AND ACTION_STATEMENT LIKE '%{CHANGE_LOG}%' AND ACTION_STATEMENT NOT LIKE '%{CONSUMERS}%'"
+            ),
+        };
+        let names: Vec<String> = sqlx::query(AssertSqlSafe(outdated))
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?;
+        // Only our own triggers (named by us, so no quote inside); a user's trigger that writes
+        // to the log is theirs to change.
+        for name in names
+            .iter()
+            .filter(|n| n.starts_with("_syncbridge_") && !n.contains('"'))
+        {
+            conn.execute(AssertSqlSafe(format!("DROP TRIGGER IF EXISTS \"{name}\"")))
+                .await?;
+            debug!(trigger = %name, "dropped a capture trigger that does not fan out");
+        }
+        Ok(())
+    }
+
+    /// Registers this bridge as a consumer of the change log (or refreshes its registration),
+    /// and adopts the log rows no consumer owns (left by a version before consumers) of its
+    /// collections. Says what it found, so a registration that had been dropped is noticed.
+    async fn register(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        collections: &[String],
+    ) -> Result<Registration> {
+        let d = self.dialect;
+        let found = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} AS dropped FROM {CONSUMERS} WHERE name = {}",
+            d.ts_text("dropped_at"),
+            d.p(1)
+        )))
+        .bind(self.instance_id.clone())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let registration = match found {
+            None => Registration::New,
+            Some(row) => match row.try_get::<Option<String>, _>("dropped")? {
+                None => Registration::Live,
+                Some(_) => Registration::Dropped,
+            },
+        };
+        let now = d.now_sql();
+        let upsert = match d {
+            Dialect::Mysql => format!(
+                "INSERT INTO {CONSUMERS} (name, last_seen, dropped_at) VALUES (?, {now}, NULL) \
+                 ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen), dropped_at = NULL"
+            ),
+            _ => format!(
+                "INSERT INTO {CONSUMERS} (name, last_seen, dropped_at) VALUES ({}, {now}, NULL) \
+                 ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen, dropped_at = NULL",
+                d.p(1)
+            ),
+        };
+        sqlx::query(AssertSqlSafe(upsert))
+            .bind(self.instance_id.clone())
+            .execute(&mut *conn)
+            .await?;
+        if !collections.is_empty() {
+            let names: Vec<String> = (0..collections.len()).map(|i| d.p(i + 2)).collect();
+            let mut q = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {CHANGE_LOG} SET consumer = {} WHERE consumer IS NULL AND collection IN ({})",
+                d.p(1),
+                names.join(",")
+            )))
+            .bind(self.instance_id.clone());
+            for c in collections {
+                q = q.bind(c.clone());
+            }
+            let adopted = q.execute(&mut *conn).await?.rows_affected();
+            if adopted > 0 {
+                info!(store = %redact_uri(&self.uri), rows = adopted, "adopted change-log rows of an older version");
+            }
+        }
+        if registration == Registration::Dropped {
+            warn!(
+                store = %redact_uri(&self.uri),
+                instance = %self.instance_id,
+                "this bridge's change-log registration had been dropped (unseen longer than the retention); registered again, a full sweep finds what changed meanwhile"
+            );
+            self.registration_lost.store(true, Ordering::SeqCst);
+        }
+        Ok(registration)
+    }
+
+    /// Drops the consumers unseen for the retention period, and their log rows, so a bridge
+    /// that never comes back does not make the log grow forever. A dropped consumer keeps its
+    /// row (marked `dropped_at`), so the bridge, if it does come back, can tell it missed
+    /// changes. Rows no consumer owns go after the same period.
+    async fn drop_abandoned(&self, conn: &mut sqlx::AnyConnection) -> Result<()> {
+        let d = self.dialect;
+        let cutoff = d.ago_sql(self.consumer_retention.as_secs());
+        let names: Vec<String> = sqlx::query(AssertSqlSafe(format!(
+            "SELECT name FROM {CONSUMERS} WHERE dropped_at IS NULL AND last_seen < {cutoff} AND name <> {}",
+            d.p(1)
+        )))
+        .bind(self.instance_id.clone())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+        for name in names {
+            // Checked again in the UPDATE: the consumer may have come back since the SELECT.
+            let dropped = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {CONSUMERS} SET dropped_at = {} WHERE name = {} AND dropped_at IS NULL \
+                 AND last_seen < {cutoff}",
+                d.now_sql(),
+                d.p(1)
+            )))
+            .bind(name.clone())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if dropped == 0 {
+                continue;
+            }
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {CHANGE_LOG} WHERE consumer = {}",
+                d.p(1)
+            )))
+            .bind(name.clone())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            warn!(
+                store = %redact_uri(&self.uri),
+                consumer = %name,
+                rows,
+                retention_secs = self.consumer_retention.as_secs(),
+                "dropped a change-log consumer unseen longer than the retention, with its rows"
+            );
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {CHANGE_LOG} WHERE consumer IS NULL AND changed_at < {cutoff}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Refreshes this bridge's `last_seen`. If the registration is gone (dropped by another
+    /// bridge while this one was stalled or its clock of the retention was shorter), registers
+    /// again and reports [`PositionLost`]: changes were not logged for it meanwhile.
+    async fn heartbeat(&self, collections: &[String]) -> Result<()> {
+        let d = self.dialect;
+        let seen = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {CONSUMERS} SET last_seen = {} WHERE name = {} AND dropped_at IS NULL",
+            d.now_sql(),
+            d.p(1)
+        )))
+        .bind(self.instance_id.clone())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if seen > 0 {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        self.register(&mut conn, collections).await?;
+        self.registration_lost.store(false, Ordering::SeqCst);
+        Err(PositionLost(format!(
+            "this bridge's change-log registration on {} was dropped; registered again",
+            redact_uri(&self.uri)
+        ))
+        .into())
+    }
+
     /// The collation for MySQL ids: binary (case matters) and NO PAD (a trailing space
     /// matters) where the server has one (`utf8mb4_nopad_bin` on MariaDB, `utf8mb4_0900_bin`
     /// on MySQL 8), else `utf8mb4_bin`, which ignores trailing spaces in comparisons.
@@ -831,6 +1220,44 @@ impl SqlStore {
         Ok(found.unwrap_or_else(|| "utf8mb4_bin".to_string()))
     }
 
+    /// The body of `prepare`, on the connection holding the prepare lock (in its transaction
+    /// where the dialect has transactional DDL): the change log and consumers, the upgrade of
+    /// an older log, the collections' `statements`, then this bridge's registration and the
+    /// drop of abandoned consumers.
+    ///
+    /// Registration happens here, before the listener starts, so nothing written after
+    /// `prepare` escapes this bridge's log. Writes made while a bridge was not registered at
+    /// all are not in its log; the engine's sweeps cover them: a bridge new to a database runs
+    /// a full sweep first (it has no sweep marks yet), and one whose registration had been
+    /// dropped is told so (`registration_lost`, then [`PositionLost`] from `listen`), which
+    /// makes the engine run a full sweep.
+    async fn prepare_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        collections: &[String],
+        statements: Vec<String>,
+    ) -> Result<()> {
+        for sql in self.dialect.log_ddl() {
+            conn.execute(AssertSqlSafe(sql.clone()))
+                .await
+                .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
+        }
+        self.upgrade_log(conn)
+            .await
+            .with_context(|| format!("upgrading the change log of {}", redact_uri(&self.uri)))?;
+        for sql in statements {
+            conn.execute(AssertSqlSafe(sql.clone()))
+                .await
+                .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
+        }
+        self.register(conn, collections)
+            .await
+            .with_context(|| format!("registering as a consumer of {}", redact_uri(&self.uri)))?;
+        self.drop_abandoned(conn)
+            .await
+            .with_context(|| format!("dropping abandoned consumers of {}", redact_uri(&self.uri)))
+    }
+
     /// MySQL's prepare: DDL commits implicitly (no transaction to hold it), so a named lock
     /// keeps bridges preparing one database at once from racing.
     async fn prepare_mysql(&self, collections: &[String]) -> Result<()> {
@@ -847,16 +1274,11 @@ impl SqlStore {
         }
         let result = async {
             let collation = Self::mysql_key_collation(&mut conn).await?;
-            let mut statements = self.dialect.log_ddl();
+            let mut statements = Vec::new();
             for c in collections {
                 statements.extend(self.dialect.collection_ddl(c, &collation));
             }
-            for sql in statements {
-                conn.execute(AssertSqlSafe(sql.clone()))
-                    .await
-                    .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
-            }
-            anyhow::Ok(())
+            self.prepare_on(&mut conn, collections, statements).await
         }
         .await;
         sqlx::query("SELECT RELEASE_LOCK('syncbridge_prepare')")
@@ -923,15 +1345,11 @@ impl Store for SqlStore {
                 .fetch_all(&self.pool)
                 .await?;
         }
-        let mut statements = self.dialect.log_ddl();
+        let mut statements = Vec::new();
         for c in collections {
             statements.extend(self.dialect.collection_ddl(c, ""));
         }
-        for sql in statements {
-            tx.execute(AssertSqlSafe(sql.clone()))
-                .await
-                .with_context(|| format!("preparing {}: {sql}", redact_uri(&self.uri)))?;
-        }
+        self.prepare_on(&mut tx, collections, statements).await?;
         tx.commit().await?;
         info!(store = %redact_uri(&self.uri), ?collections, "tables and change-capture triggers ready");
         Ok(())
@@ -1114,14 +1532,18 @@ impl Store for SqlStore {
         let d = self.dialect;
         let mut out = std::collections::HashMap::new();
         for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| d.p(i)).collect();
+            let placeholders: Vec<String> = (3..chunk.len() + 3).map(|i| d.p(i)).collect();
             let sql = format!(
-                "SELECT id, max({}) AS at FROM {CHANGE_LOG} WHERE collection = {} AND id IN ({}) GROUP BY id",
+                "SELECT id, max({}) AS at FROM {CHANGE_LOG} \
+                 WHERE consumer = {} AND collection = {} AND id IN ({}) GROUP BY id",
                 d.ts_text("changed_at"),
                 d.p(1),
+                d.p(2),
                 placeholders.join(",")
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(collection.to_string());
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(self.instance_id.clone())
+                .bind(collection.to_string());
             for id in chunk {
                 q = q.bind(id.clone());
             }
@@ -1135,6 +1557,13 @@ impl Store for SqlStore {
     }
 
     async fn listen(&self, ctx: ListenContext) -> Result<()> {
+        if self.registration_lost.swap(false, Ordering::SeqCst) {
+            return Err(PositionLost(format!(
+                "this bridge's change-log registration on {} had been dropped as abandoned; registered again",
+                redact_uri(&self.uri)
+            ))
+            .into());
+        }
         let mut pg_listener = if self.dialect == Dialect::Postgres {
             let mut l = sqlx::postgres::PgListener::connect(&self.uri)
                 .await
@@ -1157,7 +1586,7 @@ impl Store for SqlStore {
             Dialect::Mysql => (
                 PG_FALLBACK_POLL,
                 MYSQL_POLL,
-                format!("SELECT COALESCE(MAX(seq), 0) FROM {CHANGE_LOG}"),
+                format!("SELECT COALESCE(MAX(seq), 0) FROM {CHANGE_LOG} WHERE consumer = ?"),
             ),
             _ => (
                 SQLITE_POLL,
@@ -1169,7 +1598,21 @@ impl Store for SqlStore {
         // Start behind everything: whatever is still in the log was never settled.
         let mut position = 0i64;
         let mut last_behind_scan = Instant::now() - BEHIND_SCAN_EVERY;
+        // Both due at once: a listener that (re)starts confirms its registration first.
+        let mut last_heartbeat = Instant::now() - CONSUMER_HEARTBEAT;
+        let mut last_cleanup = Instant::now();
         loop {
+            if last_heartbeat.elapsed() >= CONSUMER_HEARTBEAT {
+                last_heartbeat = Instant::now();
+                self.heartbeat(&ctx.collections).await?;
+            }
+            if last_cleanup.elapsed() >= CONSUMER_CLEANUP_EVERY {
+                last_cleanup = Instant::now();
+                let mut conn = self.pool.acquire().await?;
+                if let Err(e) = self.drop_abandoned(&mut conn).await {
+                    warn!(error = %format!("{e:#}"), "could not drop abandoned change-log consumers");
+                }
+            }
             // Drain what is ahead of the read position.
             loop {
                 let rows = self.read_log(&ctx.collections, position, false).await?;
@@ -1221,10 +1664,11 @@ impl Store for SqlStore {
                             _ = tokio::time::sleep(check_every) => {}
                         }
                         if let Some(conn) = watch.as_mut() {
-                            let v: i64 = sqlx::query(AssertSqlSafe(watch_sql.as_str()))
-                                .fetch_one(&mut **conn)
-                                .await?
-                                .try_get(0)?;
+                            let mut q = sqlx::query(AssertSqlSafe(watch_sql.as_str()));
+                            if self.dialect == Dialect::Mysql {
+                                q = q.bind(self.instance_id.clone());
+                            }
+                            let v: i64 = q.fetch_one(&mut **conn).await?.try_get(0)?;
                             if v != data_version {
                                 data_version = v;
                                 break;
@@ -1243,12 +1687,13 @@ impl Store for SqlStore {
         if applied {
             for chunk in seqs.chunks(500) {
                 let placeholders: Vec<String> =
-                    (1..=chunk.len()).map(|i| self.dialect.p(i)).collect();
+                    (2..chunk.len() + 2).map(|i| self.dialect.p(i)).collect();
                 let sql = format!(
-                    "DELETE FROM {CHANGE_LOG} WHERE seq IN ({})",
+                    "DELETE FROM {CHANGE_LOG} WHERE consumer = {} AND seq IN ({})",
+                    self.dialect.p(1),
                     placeholders.join(",")
                 );
-                let mut q = sqlx::query(AssertSqlSafe(sql));
+                let mut q = sqlx::query(AssertSqlSafe(sql)).bind(self.instance_id.clone());
                 for s in chunk {
                     q = q.bind(*s);
                 }

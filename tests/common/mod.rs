@@ -146,6 +146,44 @@ impl TestStore {
         }
     }
 
+    /// A database of its own on the PostgreSQL or MySQL test server (a fresh one, uniquely
+    /// named), for tests that change database-wide state (change-log consumers, their
+    /// retention) or must count what happens in a database nobody else writes to. Other kinds
+    /// get [`TestStore::new`], which is already private (SQLite) or has no databases to make.
+    pub fn fresh_database(kind: Kind) -> TestStore {
+        if !matches!(kind, Kind::Postgres | Kind::Mysql) {
+            return TestStore::new(kind);
+        }
+        let server = TestStore::new(kind);
+        let name = collection("db");
+        server.cli(&[&format!("CREATE DATABASE {name}")]);
+        let (base, _) = server
+            .uri
+            .rsplit_once('/')
+            .expect("a URI naming a database");
+        TestStore {
+            kind,
+            uri: format!("{base}/{name}"),
+            typed: false,
+            _dir: None,
+        }
+    }
+
+    /// Drops a database made by [`TestStore::fresh_database`], once nothing uses it.
+    pub fn drop_database(&self) {
+        let server = TestStore::new(self.kind);
+        let name = self
+            .uri
+            .rsplit_once('/')
+            .expect("a URI naming a database")
+            .1;
+        let sql = match self.kind {
+            Kind::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            _ => format!("DROP DATABASE IF EXISTS {name}"),
+        };
+        server.cli(&[&sql]);
+    }
+
     fn sqlite_path(&self) -> &str {
         self.uri.strip_prefix("sqlite://").expect("sqlite uri")
     }
@@ -617,7 +655,7 @@ impl TestStore {
     /// A fresh database on the same server (MySQL/MariaDB and PostgreSQL), for tests that
     /// need whole schemas of their own: `CREATE DATABASE` through the CLI, then a store whose
     /// URI names it.
-    pub fn fresh_database(&self, prefix: &str) -> TestStore {
+    pub fn new_database(&self, prefix: &str) -> TestStore {
         let name = collection(prefix);
         let charset = if self.kind == Kind::Mysql {
             " CHARACTER SET utf8mb4"

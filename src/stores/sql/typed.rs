@@ -14,7 +14,7 @@
 //! The conditional-write guard compares every synced column's text and the time: the etag is
 //! that list, so a write made in between by anyone, whatever it changed, is seen.
 
-use super::{CHANGE_LOG, Dialect, NOTIFY_CHANNEL, TS_MARKS};
+use super::{Dialect, NOTIFY_CHANNEL, TS_MARKS};
 use crate::record::{ChangeRecord, Op, canonical_hash, format_ts, parse_ts, with_updated_at};
 use crate::stores::{ApplyOutcome, Slot, StoredRecord, TableFacts, TableSpec};
 use anyhow::{Context, Result, bail};
@@ -510,35 +510,47 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
         q(&t.updated_at.name),
     );
     let idx = q(&format!("_syncbridge_{c}_updated_at"));
+    let name = format!("'{c}'");
+    // Every change-log row goes through the one fan-out rule (a row per consumer).
+    let log = |id: &str, when: Option<&str>| d.log_insert(&name, id, when);
     match d {
-        Dialect::Sqlite => vec![
-            format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} BEGIN \
-                 UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
-                   WHERE {key} = NEW.{key} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
-                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); END"
-            ),
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
-                 INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); END"
-            ),
-            // As for the bridge's own tables: an UPDATE that does not assign the time gets
-            // the current one, or last-writer-wins could take the edit for a stale copy.
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} BEGIN \
-                 UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
-                   WHERE {key} = NEW.{key} AND NEW.{upd} IS OLD.{upd} \
-                   AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = CAST(NEW.{key} AS TEXT)); \
-                 DELETE FROM {TS_MARKS} WHERE collection = '{c}' AND id = CAST(NEW.{key} AS TEXT); \
-                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(NEW.{key} AS TEXT)); \
-                 INSERT INTO {CHANGE_LOG}(collection, id) SELECT '{c}', CAST(OLD.{key} AS TEXT) WHERE OLD.{key} IS NOT NEW.{key}; END"
-            ),
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} BEGIN \
-                 INSERT INTO {CHANGE_LOG}(collection, id) VALUES ('{c}', CAST(OLD.{key} AS TEXT)); END"
-            ),
-        ],
+        Dialect::Sqlite => {
+            let (new_id, old_id) = (
+                format!("CAST(NEW.{key} AS TEXT)"),
+                format!("CAST(OLD.{key} AS TEXT)"),
+            );
+            vec![
+                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} BEGIN \
+                     UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
+                       WHERE {key} = NEW.{key} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
+                     {}; END",
+                    log(&new_id, None)
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
+                     INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{c}', {new_id}); END"
+                ),
+                // As for the bridge's own tables: an UPDATE that does not assign the time gets
+                // the current one, or last-writer-wins could take the edit for a stale copy.
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} BEGIN \
+                     UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
+                       WHERE {key} = NEW.{key} AND NEW.{upd} IS OLD.{upd} \
+                       AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}); \
+                     DELETE FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}; \
+                     {}; {}; END",
+                    log(&new_id, None),
+                    log(&old_id, Some(&format!("OLD.{key} IS NOT NEW.{key}")))
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} BEGIN \
+                     {}; END",
+                    log(&old_id, None)
+                ),
+            ]
+        }
         Dialect::Postgres => {
             let cap = q(&format!("_syncbridge_capture_{c}"));
             let mark = q(&format!("_syncbridge_mark_{c}"));
@@ -547,17 +559,18 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                 format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
                 format!(
                     "CREATE OR REPLACE FUNCTION {cap}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-                     DECLARE o TEXT := nullif(current_setting('syncbridge.origin', true), '');
                      BEGIN
                        IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.{key} IS DISTINCT FROM NEW.{key}) THEN
-                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES ('{c}', OLD.{key}::text, o);
+                         {old_row};
                        END IF;
                        IF TG_OP <> 'DELETE' THEN
-                         INSERT INTO {CHANGE_LOG}(collection, id, origin) VALUES ('{c}', NEW.{key}::text, o);
+                         {new_row};
                        END IF;
                        PERFORM pg_notify('{NOTIFY_CHANNEL}', '{c}');
                        RETURN NULL;
-                     END $fn$"
+                     END $fn$",
+                    old_row = log(&format!("OLD.{key}::text"), None),
+                    new_row = log(&format!("NEW.{key}::text"), None),
                 ),
                 format!(
                     "CREATE OR REPLACE FUNCTION {mark}() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -593,25 +606,30 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
             ]
         }
         // Stamping is the column's own ON UPDATE CURRENT_TIMESTAMP.
-        Dialect::Mysql => vec![
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} \
-                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                 VALUES ('{c}', CAST(NEW.{key} AS CHAR), @syncbridge_origin)"
-            ),
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} \
-                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                 SELECT '{c}', CAST(NEW.{key} AS CHAR), @syncbridge_origin \
-                 UNION ALL SELECT '{c}', CAST(OLD.{key} AS CHAR), @syncbridge_origin FROM DUAL \
-                 WHERE NOT (OLD.{key} <=> NEW.{key})"
-            ),
-            format!(
-                "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} \
-                 FOR EACH ROW INSERT INTO {CHANGE_LOG}(collection, id, origin) \
-                 VALUES ('{c}', CAST(OLD.{key} AS CHAR), @syncbridge_origin)"
-            ),
-        ],
+        Dialect::Mysql => {
+            let (new_id, old_id) = (
+                format!("CAST(NEW.{key} AS CHAR)"),
+                format!("CAST(OLD.{key} AS CHAR)"),
+            );
+            vec![
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} \
+                     FOR EACH ROW {}",
+                    log(&new_id, None)
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} \
+                     FOR EACH ROW BEGIN {}; {}; END",
+                    log(&new_id, None),
+                    log(&old_id, Some(&format!("NOT (OLD.{key} <=> NEW.{key})")))
+                ),
+                format!(
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} \
+                     FOR EACH ROW {}",
+                    log(&old_id, None)
+                ),
+            ]
+        }
     }
 }
 
