@@ -361,3 +361,96 @@ async fn a_child_before_its_parent_waits_and_then_lands() {
     .await;
     bridge.stop().await;
 }
+
+/// The offline switch on the shop's schema: paused, the shop keeps selling (1,000 writes: 200
+/// new users, each followed by four orders), nothing reaches the office and status counts the
+/// waiting records; resumed, all 1,000 arrive, in the order they were made: every user lands
+/// before its orders (so no foreign-key error, no retry), and users arrive in creation order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_a_thousand_writes_and_resume_applies_them_in_order() {
+    let server = TestStore::new(Kind::Mysql);
+    let (db_a, db_b, dir) = (
+        server.new_database("db_a"),
+        server.new_database("db_b"),
+        data_dir(),
+    );
+    db_a.raw(&[&mysql_schema(100)]);
+    db_b.raw(&[&mysql_schema(100)]);
+    // The office records the order rows arrive in (its own trigger, beside the bridge's).
+    db_b.raw(&[
+        "CREATE TABLE arrivals (seq INT AUTO_INCREMENT PRIMARY KEY, tbl VARCHAR(10), row_id INT); \
+         CREATE TRIGGER arrived_user AFTER INSERT ON users FOR EACH ROW \
+           INSERT INTO arrivals (tbl, row_id) VALUES ('users', NEW.id); \
+         CREATE TRIGGER arrived_order AFTER INSERT ON orders FOR EACH ROW \
+           INSERT INTO arrivals (tbl, row_id) VALUES ('orders', NEW.user_id)",
+    ]);
+    let bridge = TestBridge::start(shop_config(&db_a, &db_b, &path(&dir))).await;
+    let engine = bridge.engine.clone();
+    assert!(engine.pause().await.unwrap(), "it was running");
+    let mut sql = String::new();
+    for u in 1..=200 {
+        sql.push_str(&format!(
+            "INSERT INTO users (id, name) VALUES ({u}, 'user {u}'); \
+             INSERT INTO orders (user_id, amount) VALUES ({u}, {u}.01), ({u}, {u}.02); \
+             INSERT INTO orders (user_id, amount) VALUES ({u}, {u}.03); \
+             INSERT INTO orders (user_id, amount) VALUES ({u}, {u}.04); "
+        ));
+    }
+    db_a.raw(&[&sql]);
+    let mut held = 0;
+    for _ in 0..200 {
+        held = engine.queue.counts().await.unwrap().held;
+        if held == 1000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(held, 1000, "every write is held while paused");
+    let status = serde_json::to_value(engine.status().await.unwrap()).unwrap();
+    assert!(
+        status.to_string().contains("\"paused\":true"),
+        "status says paused: {status}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        cell(&db_b, "SELECT COUNT(*) FROM arrivals").as_deref(),
+        Some("0"),
+        "nothing is applied while paused"
+    );
+    let resumed = std::time::Instant::now();
+    assert!(engine.resume().await.unwrap(), "it was paused");
+    eventually("all 1,000 writes to arrive", || {
+        cell(&db_b, "SELECT COUNT(*) FROM arrivals").as_deref() == Some("1000")
+    })
+    .await;
+    eprintln!(
+        "resume applied 1,000 held writes in {} ms",
+        resumed.elapsed().as_millis()
+    );
+    // Every user arrived before each of its orders, and users in creation order.
+    let late_orders = cell(
+        &db_b,
+        "SELECT COUNT(*) FROM arrivals o JOIN arrivals u ON u.tbl = 'users' AND u.row_id = o.row_id \
+         WHERE o.tbl = 'orders' AND o.seq < u.seq",
+    );
+    assert_eq!(
+        late_orders.as_deref(),
+        Some("0"),
+        "an order arrived before its user"
+    );
+    let users: Vec<i64> = db_b
+        .raw(&["SELECT row_id FROM arrivals WHERE tbl = 'users' ORDER BY seq"])
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        (1..=200).collect::<Vec<_>>(),
+        "users in creation order"
+    );
+    assert!(
+        engine.queue.list(false, 10).await.unwrap().is_empty(),
+        "no retries: nothing arrived before its parent"
+    );
+    bridge.stop().await;
+}

@@ -661,7 +661,11 @@ impl SqlStore {
         // (`Some(None)`: rows disagree or name no writer).
         type Seen = (String, Option<Option<String>>);
         let mut keys: BTreeMap<(String, String), Seen> = BTreeMap::new();
+        let mut first: HashMap<(String, String), i64> = HashMap::new();
         for r in rows {
+            first
+                .entry((r.collection.clone(), r.id.clone()))
+                .or_insert(r.seq);
             let entry = keys
                 .entry((r.collection, r.id))
                 .or_insert((r.changed_at.clone(), None));
@@ -702,6 +706,9 @@ impl SqlStore {
                 });
             }
         }
+        // In the order the changes were made (each key at its first log row), not grouped by
+        // collection and id: a held (paused) batch is applied in first-seen order.
+        records.sort_by_key(|r| first.get(&(r.collection.clone(), r.id.clone())).copied());
         self.in_flight
             .lock()
             .expect("in-flight lock")
