@@ -49,6 +49,19 @@ impl BridgeSetup {
         })
     }
 
+    /// Turns the bridge's HTTP API on, listening on `bind` (`host:port`), for the
+    /// browser-protocol phase; every other phase runs without it.
+    pub fn serve_api(&self, bind: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let bind = serde_json::to_string(bind)?;
+        let text = text.replace(
+            "[api]\nenabled = false\n",
+            &format!("[api]\nenabled = true\nbind = {bind}\n"),
+        );
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("cannot write {}", self.config.display()))
+    }
+
     fn command(&self, args: &[&str], log: &str) -> Result<Command> {
         let log = std::fs::OpenOptions::new()
             .create(true)
