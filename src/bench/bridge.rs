@@ -123,9 +123,13 @@ impl BridgeSetup {
         let out = read.await.unwrap_or_default();
         let line = out.lines().next().unwrap_or_default().to_string();
         if !status.success() {
+            // The data directory goes when the bench ends: quote the log's last lines.
+            let log = std::fs::read_to_string(self.dir.join("sync.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
             bail!(
-                "`syncbridge sync` failed ({status}): {line} (log in {})",
-                self.dir.display()
+                "`syncbridge sync` failed ({status}): {line} (log in {}; its last lines, newest first: {})",
+                self.dir.display(),
+                tail.join(" | ")
             );
         }
         // "sync both: examined N, …, 123 ms"

@@ -342,7 +342,7 @@ pub async fn pull_throughput(
     collection: &str,
     records: usize,
 ) -> Result<PullRun> {
-    // Versions an hour old: before any sweep mark, so the bridge's incremental sweeps pass them by.
+    // Versions about an hour old: before any sweep mark, so incremental sweeps pass them by.
     let old = now_ms() - 3_600_000;
     let clock = Instant::now();
     let batch = 5000;
@@ -351,8 +351,10 @@ pub async fn pull_throughput(
         let rows: Vec<Row3> = (i..(i + batch).min(records))
             .map(|n| {
                 let id = format!("p{n:08}");
-                let body = doc(&id, n as u64, old);
-                (id, body, old)
+                // One millisecond apart, as records written over time would be.
+                let ms = old + n as i64;
+                let body = doc(&id, n as u64, ms);
+                (id, body, ms)
             })
             .collect();
         cloud.write_many(collection, &rows, true).await?;
