@@ -5,7 +5,7 @@
 # set), plus the browser protocol against Redis↔PostgreSQL's cloud store (PostgreSQL). Prints
 # the table and the summary line; writes target/bench/report.md, target/bench/latency.png and
 # the raw JSON lines in target/bench/results.jsonl.
-#   scripts/bench.sh           full run (about 25 minutes)
+#   scripts/bench.sh           full run (about 21 minutes)
 #   scripts/bench.sh --quick   smaller loads (a few minutes after the build)
 #   --pairs redis-pg,sqlite-redis,sqlite-pg,mysql-pg,mysql-redis,mongo-redis   only these pairs
 #   --phases pair,replication  only these measurements for every selected pair (default: `pair`
