@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# The benchmark: starts its own Redis and PostgreSQL on free loopback ports, builds in release
-# mode, and runs `syncbridge bench` for Redis↔PostgreSQL, SQLite↔Redis and SQLite↔PostgreSQL
-# (and MongoDB↔Redis when MONGODB_URI is set and the build has a MongoDB connector). Prints the
-# table and the summary line; writes target/bench/report.md, target/bench/latency.png and the
-# raw JSON lines in target/bench/results.jsonl.
-#   scripts/bench.sh           full run (about 15 minutes)
-#   scripts/bench.sh --quick   smaller loads (under 2 minutes after the build)
+# The benchmark: starts its own Redis, PostgreSQL and MariaDB on free loopback ports, builds in
+# release mode, and runs `syncbridge bench` for Redis↔PostgreSQL, SQLite↔Redis,
+# SQLite↔PostgreSQL, MySQL↔PostgreSQL and MySQL↔Redis (and MongoDB↔Redis when MONGODB_URI is
+# set), plus the browser protocol against Redis↔PostgreSQL's cloud store (PostgreSQL). Prints
+# the table and the summary line; writes target/bench/report.md, target/bench/latency.png and
+# the raw JSON lines in target/bench/results.jsonl.
+#   scripts/bench.sh           full run (about 21 minutes)
+#   scripts/bench.sh --quick   smaller loads (a few minutes after the build)
+#   --pairs redis-pg,sqlite-redis,sqlite-pg,mysql-pg,mysql-redis,mongo-redis   only these pairs
+#   --phases pair,replication  only these measurements for every selected pair (default: `pair`
+#                              for each, plus `replication` for redis-pg)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=()
-[ "${1:-}" = "--quick" ] && QUICK=(--quick)
+ONLY=""
+PHASES=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=(--quick) ;;
+    --pairs) ONLY=${2:?--pairs needs a list}; shift ;;
+    --phases) PHASES=${2:?--phases needs a list}; shift ;;
+    *) echo "usage: $0 [--quick] [--pairs LIST] [--phases pair,replication]" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 # plotters draws its text through fontconfig.
 if ! pkg-config --exists fontconfig 2>/dev/null && ! dpkg -s libfontconfig1-dev >/dev/null 2>&1; then
@@ -33,17 +47,24 @@ trap 'stop_stores; rm -rf "$WORK"' EXIT
 
 REDIS="$SYNCBRIDGE_TEST_REDIS_URL"
 PG="$SYNCBRIDGE_TEST_PG_URL"
+MYSQL="$SYNCBRIDGE_TEST_MYSQL_URL"
 SQLITE="sqlite://$WORK/local.db"
-pairs=("$REDIS $PG" "$SQLITE $REDIS" "$SQLITE $PG")
+# name local cloud default-phases
+pairs=("redis-pg $REDIS $PG pair,replication" "sqlite-redis $SQLITE $REDIS pair"
+  "sqlite-pg $SQLITE $PG pair" "mysql-pg $MYSQL $PG pair" "mysql-redis $MYSQL $REDIS pair")
 if [ -n "${MONGODB_URI:-}" ]; then
-  pairs+=("$MONGODB_URI $REDIS")
+  pairs+=("mongo-redis $MONGODB_URI $REDIS pair")
 fi
 
 started=$(date +%s)
 for pair in "${pairs[@]}"; do
-  read -r local cloud <<<"$pair"
-  if ! "$BIN" bench --local "$local" --cloud "$cloud" --json "${QUICK[@]}" >>"$RESULTS"; then
-    echo "bench failed for one pair; continuing with the others" >&2
+  read -r name local cloud phases <<<"$pair"
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+    continue
+  fi
+  if ! "$BIN" bench --local "$local" --cloud "$cloud" --json --phases "${PHASES:-$phases}" \
+    "${QUICK[@]}" >>"$RESULTS"; then
+    echo "bench failed for $name; continuing with the others" >&2
   fi
 done
 echo "measured in $(( $(date +%s) - started )) s" >&2

@@ -49,6 +49,19 @@ impl BridgeSetup {
         })
     }
 
+    /// Turns the bridge's HTTP API on, listening on `bind` (`host:port`), for the
+    /// browser-protocol phase; every other phase runs without it.
+    pub fn serve_api(&self, bind: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let bind = serde_json::to_string(bind)?;
+        let text = text.replace(
+            "[api]\nenabled = false\n",
+            &format!("[api]\nenabled = true\nbind = {bind}\n"),
+        );
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("cannot write {}", self.config.display()))
+    }
+
     fn command(&self, args: &[&str], log: &str) -> Result<Command> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -110,9 +123,13 @@ impl BridgeSetup {
         let out = read.await.unwrap_or_default();
         let line = out.lines().next().unwrap_or_default().to_string();
         if !status.success() {
+            // The data directory goes when the bench ends: quote the log's last lines.
+            let log = std::fs::read_to_string(self.dir.join("sync.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
             bail!(
-                "`syncbridge sync` failed ({status}): {line} (log in {})",
-                self.dir.display()
+                "`syncbridge sync` failed ({status}): {line} (log in {}; its last lines, newest first: {})",
+                self.dir.display(),
+                tail.join(" | ")
             );
         }
         // "sync both: examined N, …, 123 ms"

@@ -5,16 +5,19 @@
 //! keyspace subscription (pushed, no polling); on PostgreSQL it waits for the change-capture
 //! trigger's `NOTIFY` and then asks only for the ids still outstanding; on SQLite (no
 //! notifications across processes) it polls the cheap `PRAGMA data_version` every millisecond
-//! and reads ids only when the file changed.
+//! and reads ids only when the file changed; on MySQL/MariaDB (no notifications either) it polls
+//! `MAX(seq)` of the change log every millisecond, as the bridge's listener does every 5 ms, and
+//! reads ids only when it moved.
 
 use crate::record::format_ts;
 use crate::stores::redact_uri;
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use serde_json::json;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection, QueryBuilder, Row};
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -51,6 +54,13 @@ pub enum Client {
         /// To open the observer's own connection.
         options: SqliteConnectOptions,
     },
+    /// A MySQL or MariaDB database (sessions in UTC, sqlx's default).
+    Mysql {
+        /// Pool for writes and reads.
+        pool: MySqlPool,
+        /// To open the observer's own connection.
+        options: MySqlConnectOptions,
+    },
 }
 
 /// One record to write: id, document text, version time.
@@ -67,6 +77,11 @@ pub fn doc(id: &str, n: u64, ms: i64) -> String {
         "updatedAt": format_ts(ms),
     })
     .to_string()
+}
+
+/// A version time as the `TIMESTAMP(6)` value to bind (sessions are in UTC).
+fn utc(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 impl Client {
@@ -102,9 +117,21 @@ impl Client {
                 .await
                 .with_context(what)?;
             Ok(Client::Sqlite { pool, options })
+        } else if let Some(rest) = uri
+            .strip_prefix("mysql:")
+            .or_else(|| uri.strip_prefix("mariadb:"))
+        {
+            let options =
+                MySqlConnectOptions::from_str(&format!("mysql:{rest}")).with_context(what)?;
+            let pool = MySqlPoolOptions::new()
+                .max_connections(8)
+                .connect_with(options.clone())
+                .await
+                .with_context(what)?;
+            Ok(Client::Mysql { pool, options })
         } else {
             anyhow::bail!(
-                "the bench supports redis://, postgres:// and sqlite:// stores, not {}",
+                "the bench supports redis://, postgres://, sqlite:// and mysql:// stores, not {}",
                 redact_uri(uri)
             )
         }
@@ -116,6 +143,7 @@ impl Client {
             Client::Redis { .. } => "Redis",
             Client::Postgres { .. } => "PostgreSQL",
             Client::Sqlite { .. } => "SQLite",
+            Client::Mysql { .. } => "MySQL",
         }
     }
 
@@ -152,13 +180,25 @@ impl Client {
                 .execute(pool)
                 .await?;
             }
+            Client::Mysql { pool, .. } => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO `{collection}` (id, doc, updated_at) VALUES (?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE doc = VALUES(doc), updated_at = VALUES(updated_at)"
+                )))
+                .bind(id)
+                .bind(doc)
+                .bind(utc(ms))
+                .execute(pool)
+                .await?;
+            }
         }
         Ok(())
     }
 
     /// Upserts many records in one round trip (a pipeline, or one multi-row statement).
     /// With `quiet`, PostgreSQL skips the capture triggers where the role allows it (bulk
-    /// loads that both sides receive identically, so there is nothing to sync).
+    /// loads that both sides receive identically, so there is nothing to sync). MySQL has no
+    /// such switch: its triggers log the load, and [`Client::clear_log`] removes the rows.
     pub async fn write_many(&self, collection: &str, rows: &[Row3], quiet: bool) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -213,6 +253,19 @@ impl Client {
                 .execute(pool)
                 .await?;
             }
+            Client::Mysql { pool, .. } => {
+                let mut q =
+                    QueryBuilder::new(format!("INSERT INTO `{collection}` (id, doc, updated_at) "));
+                q.push_values(rows, |mut b, (id, doc, ms)| {
+                    b.push_bind(id.as_str())
+                        .push_bind(doc.as_str())
+                        .push_bind(utc(*ms));
+                });
+                q.push(
+                    " ON DUPLICATE KEY UPDATE doc = VALUES(doc), updated_at = VALUES(updated_at)",
+                );
+                q.build().execute(pool).await?;
+            }
         }
         Ok(())
     }
@@ -254,6 +307,22 @@ impl Client {
                 .fetch_all(pool)
                 .await?;
                 Ok(rows.into_iter().map(|r| r.get(0)).collect())
+            }
+            Client::Mysql { pool, .. } => {
+                let mut found = Vec::new();
+                // Well under the protocol's 65,535 placeholders per statement.
+                for chunk in ids.chunks(10_000) {
+                    let mut q =
+                        QueryBuilder::new(format!("SELECT id FROM `{collection}` WHERE id IN ("));
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id.as_str());
+                    }
+                    q.push(")");
+                    let rows = q.build().fetch_all(pool).await?;
+                    found.extend(rows.into_iter().map(|r| r.get::<String, _>(0)));
+                }
+                Ok(found)
             }
         }
     }
@@ -338,6 +407,15 @@ impl Client {
                 .await?;
                 self.clear_log(collection).await?;
             }
+            Client::Mysql { pool, .. } => {
+                // Its triggers go with it.
+                sqlx::query(AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS `{collection}`"
+                )))
+                .execute(pool)
+                .await?;
+                self.clear_log(collection).await?;
+            }
         }
         Ok(())
     }
@@ -361,6 +439,20 @@ impl Client {
                     .bind(collection)
                     .execute(pool)
                     .await?;
+            }
+            Client::Mysql { pool, .. } => {
+                // In slices, so a million-row load does not become one huge undo log.
+                let sql = format!(
+                    "DELETE FROM {} WHERE collection = ? LIMIT 50000",
+                    crate::stores::sql::CHANGE_LOG
+                );
+                while sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(collection)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+                    > 0
+                {}
             }
         }
         Ok(())
@@ -435,6 +527,36 @@ impl Client {
                     }
                     version = v;
                     let at = Instant::now();
+                    self.mark_seen(&collection, &pending, &seen, at).await?;
+                }
+            }
+            Client::Mysql { options, .. } => {
+                let mut conn = sqlx::MySqlConnection::connect_with(options).await?;
+                let sql = format!(
+                    "SELECT COALESCE(MAX(seq), 0) FROM {}",
+                    crate::stores::sql::CHANGE_LOG
+                );
+                let mut last: i64 = -1;
+                let mut checked = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tick.tick() => {}
+                    }
+                    let head: i64 = sqlx::query(AssertSqlSafe(sql.clone()))
+                        .fetch_one(&mut conn)
+                        .await?
+                        .get(0);
+                    // The bridge deletes log rows it has settled, so a row can come and go
+                    // between two polls; a slow check every 50 ms backs the poll up.
+                    if head == last && checked.elapsed() < Duration::from_millis(50) {
+                        continue;
+                    }
+                    last = head;
+                    let at = Instant::now();
+                    checked = at;
                     self.mark_seen(&collection, &pending, &seen, at).await?;
                 }
             }

@@ -66,6 +66,40 @@ pub async fn run(
     // Let the subscription / LISTEN settle before the first write.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
+    let writes = paced_writes(source, collection, rate, secs, &pending).await?;
+    let total = writes.acks.len();
+    let deadline = Instant::now() + drain;
+    while !pending.lock().expect("pending").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    observer.await??;
+    let mut lat: Vec<f64> = Vec::with_capacity(total);
+    while let Ok((id, at)) = seen_rx.try_recv() {
+        if let Some(ack) = writes.acks.get(&id) {
+            lat.push(at.saturating_duration_since(*ack).as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(stats(lat, total, writes.achieved_rate))
+}
+
+/// What [`paced_writes`] did.
+pub struct PacedWrites {
+    /// Each id written, with the moment the source acknowledged the write.
+    pub acks: HashMap<String, Instant>,
+    /// Writes per second actually achieved.
+    pub achieved_rate: f64,
+}
+
+/// Writes `rate` new records per second for `secs` seconds to `source` (ids `l<n>`), each id
+/// put into `pending` just before its write, so an observer can look for it.
+pub async fn paced_writes(
+    source: &Client,
+    collection: &str,
+    rate: u32,
+    secs: f64,
+    pending: &Pending,
+) -> Result<PacedWrites> {
     let total = (rate as f64 * secs) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(String, Instant)>();
@@ -97,22 +131,14 @@ pub async fn run(
     while let Some((id, at)) = ack_rx.recv().await {
         acks.insert(id, at);
     }
-    let deadline = Instant::now() + drain;
-    while !pending.lock().expect("pending").is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    observer.await??;
-    let mut lat: Vec<f64> = Vec::with_capacity(total);
-    while let Ok((id, at)) = seen_rx.try_recv() {
-        if let Some(ack) = acks.get(&id) {
-            lat.push(at.saturating_duration_since(*ack).as_secs_f64() * 1000.0);
-        }
-    }
-    Ok(stats(lat, total, total as f64 / write_secs))
+    Ok(PacedWrites {
+        acks,
+        achieved_rate: total as f64 / write_secs,
+    })
 }
 
-fn stats(mut lat: Vec<f64>, writes: usize, achieved_rate: f64) -> LatencyStats {
+/// Percentiles, mean and histogram of `lat` (ms), for `writes` writes made at `achieved_rate`.
+pub fn stats(mut lat: Vec<f64>, writes: usize, achieved_rate: f64) -> LatencyStats {
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {

@@ -6,13 +6,16 @@
 //! bench's own means ([`client`]). For each direction of the pair: propagation latency at a
 //! steady rate ([`latency`]), burst throughput and catch-up after downtime ([`burst`]), the
 //! same latency test with listeners off and a full-scan `sync` every 5 s (the cron-driven
-//! approach), and peak memory; for the pair, the cost of a reconciliation pass ([`sweep`]).
+//! approach), and peak memory; for the pair, the cost of a reconciliation pass ([`sweep`]);
+//! and the browser protocol served by the bridge's HTTP API: propagation from a cloud write to a
+//! client's pull, and pull throughput ([`replication`]). `--phases` picks which of these run.
 //! Each phase gets its own collection and bridge process, so phases cannot disturb each other.
 
 pub mod bridge;
 pub mod burst;
 pub mod client;
 pub mod latency;
+pub mod replication;
 pub mod report;
 pub mod sweep;
 
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 /// Arguments of `syncbridge bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// The local store (redis://, postgres:// or sqlite:// URI). Benchmark data goes into
+    /// The local store (redis://, postgres://, sqlite:// or mysql:// URI). Benchmark data goes into
     /// fresh `bench_*` collections, removed afterwards.
     #[arg(long, required_unless_present = "report_from")]
     pub local: Option<String>,
@@ -56,6 +59,29 @@ pub struct BenchArgs {
     /// direction only with --quick).
     #[arg(long, hide = true)]
     pub baseline_all: bool,
+    /// Which measurements to run: `pair` (latency, throughput, catch-up, memory and the older
+    /// approach per direction, and the sweep) and/or `replication` (the browser protocol against
+    /// the cloud store), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [Phase::Pair, Phase::Replication])]
+    pub phases: Vec<Phase>,
+}
+
+/// A group of measurements `--phases` can select.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The store-to-store measurements, both directions, and the sweep.
+    Pair,
+    /// The browser protocol: SSE + pull propagation and pull throughput.
+    Replication,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Pair => "pair",
+            Phase::Replication => "replication",
+        })
+    }
 }
 
 /// How big each measurement is.
@@ -70,6 +96,7 @@ struct Plan {
     baseline_secs: f64,
     baseline_every: Duration,
     baseline_all: bool,
+    pull_records: usize,
 }
 
 impl Plan {
@@ -85,6 +112,7 @@ impl Plan {
                 baseline_secs: 6.0,
                 baseline_every: Duration::from_secs(5),
                 baseline_all,
+                pull_records: 20_000,
             }
         } else {
             Plan {
@@ -97,6 +125,9 @@ impl Plan {
                 baseline_secs: 30.0,
                 baseline_every: Duration::from_secs(5),
                 baseline_all: true,
+                // 1M was tried (all at one updatedAt): one page query deep in PostgreSQL's walk was
+                // seen taking 0.7 s, and the pull had not finished after 10 minutes.
+                pull_records: 100_000,
             }
         }
     }
@@ -116,7 +147,13 @@ pub async fn main(args: BenchArgs) -> Result<()> {
     };
     let plan = Plan::new(args.quick, args.baseline_all);
     let mut bench = Bench::new(&local, &cloud, bin, plan, args.json).await?;
-    let outcome = bench.run_all().await;
+    let mut outcome = Ok(());
+    if args.phases.contains(&Phase::Pair) {
+        outcome = bench.run_all().await;
+    }
+    if outcome.is_ok() && args.phases.contains(&Phase::Replication) {
+        outcome = bench.run_replication().await;
+    }
     let _ = std::fs::remove_dir_all(&bench.root);
     outcome?;
     if !args.json {
@@ -442,6 +479,106 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+impl Bench {
+    /// The browser protocol against the cloud store, through the bridge's HTTP API.
+    async fn run_replication(&mut self) -> Result<()> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        let source = self.cloud.kind();
+        let direction = format!("{source} → browser client");
+        let base = json!({"direction": direction, "source": source, "target": "browser client"});
+
+        self.progress(&format!(
+            "{direction}: propagation at {}/s (cloud write → SSE → pull)",
+            self.plan.rate
+        ));
+        let (collection, setup) = self.fresh("rp").await?;
+        let api = free_loopback()?;
+        setup.serve_api(&api)?;
+        let url = format!("http://{api}");
+        let (mut b, _) = self.start_ready(&setup, &collection, false).await?;
+        replication::wait_api(&http, &url, Duration::from_secs(30)).await?;
+        let run = replication::propagation(
+            &http,
+            &url,
+            &self.cloud,
+            &collection,
+            self.plan.rate,
+            self.plan.latency_secs,
+            Duration::from_secs(10),
+        )
+        .await;
+        b.check_alive()?;
+        let cpu = b.cpu_s();
+        let rss = b.stop().await?;
+        self.drop_collection(&collection).await?;
+        let run = run?;
+        let (p, a) = (&run.pulled, &run.announced);
+        self.emit(merge(
+            &base,
+            json!({
+                "measure": "replication_latency", "rate_per_s": self.plan.rate,
+                "secs": self.plan.latency_secs, "stats": p, "announced": a,
+                "events": run.events, "pulls": run.pulls, "mean_pull_ms": run.mean_pull_ms,
+                "rss_mb": rss, "bridge_cpu_s": cpu,
+                "result": format!("pulled: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({} of {} seen); SSE event read: p50 {:.2} ms, p99 {:.2} ms; {} events, {} pulls of {:.2} ms on average",
+                    p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms, p.seen, p.writes, a.p50_ms, a.p99_ms,
+                    run.events, run.pulls, run.mean_pull_ms),
+                "goal": Value::Null, "met": Value::Null,
+            }),
+        ));
+
+        let records = self.plan.pull_records;
+        self.progress(&format!(
+            "{direction}: pull of {records} records from scratch"
+        ));
+        let (collection, setup) = self.fresh("pl").await?;
+        let api = free_loopback()?;
+        setup.serve_api(&api)?;
+        let url = format!("http://{api}");
+        let (mut b, _) = self.start_ready(&setup, &collection, false).await?;
+        replication::wait_api(&http, &url, Duration::from_secs(30)).await?;
+        let cpu0 = b.cpu_s();
+        let run =
+            replication::pull_throughput(&http, &url, &self.cloud, &collection, records).await;
+        b.check_alive()?;
+        let cpu = b.cpu_s() - cpu0;
+        let rss = b.stop().await?;
+        self.drop_collection(&collection).await?;
+        let run = run?;
+        let per_s = run.documents as f64 / run.secs;
+        self.emit(merge(
+            &base,
+            json!({
+                "measure": "pull_throughput", "records": records, "documents": run.documents,
+                "pages": run.pages, "secs": run.secs, "per_s": per_s, "load_s": run.load_s,
+                "rss_mb": rss, "bridge_cpu_s": cpu,
+                "result": format!("{per_s:.0} records/s: {} records in {:.2} s, {} pulls of limit=1000 (bridge CPU {:.1} s, peak RSS {rss:.0} MB)",
+                    run.documents, run.secs, run.pages, cpu),
+                "goal": Value::Null, "met": Value::Null,
+            }),
+        ));
+        self.emit(merge(
+            &base,
+            json!({
+                "measure": "pull_idle", "records": records, "p50_ms": run.idle_p50_ms,
+                "mean_ms": run.idle_mean_ms, "pulls": run.idle_pulls,
+                "result": format!("p50 {:.2} ms, mean {:.2} ms ({} pulls with nothing new, {records} records in the collection)",
+                    run.idle_p50_ms, run.idle_mean_ms, run.idle_pulls),
+                "goal": Value::Null, "met": Value::Null,
+            }),
+        ));
+        Ok(())
+    }
+}
+
+/// A free loopback `host:port` for the bridge's API (the OS picks it; released at once).
+fn free_loopback() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
 }
 
 fn merge(base: &Value, more: Value) -> Value {

@@ -12,6 +12,7 @@ pub fn latency_goal(source: &str, target: &str, s: &LatencyStats) -> (Value, Val
         ("Redis", "PostgreSQL") => (Some(2.0), 10.0),
         ("PostgreSQL", "Redis") => (Some(3.0), 15.0),
         ("SQLite", "Redis") => (None, 25.0),
+        ("MySQL", "PostgreSQL") | ("MySQL", "Redis") => (None, 25.0),
         _ => return (Value::Null, Value::Null),
     };
     let all_seen = s.seen == s.writes;
@@ -32,6 +33,9 @@ fn label(measure: &str) -> &'static str {
         "peak_rss" => "peak RSS",
         "sweep" => "sweep pass, changed records",
         "sweep_idle" => "sweep pass, nothing changed",
+        "replication_latency" => "browser protocol at 1k writes/s: cloud write → SSE → pull",
+        "pull_throughput" => "browser protocol: pull from scratch, limit=1000",
+        "pull_idle" => "browser protocol: idle pull",
         _ => "",
     }
 }
@@ -62,33 +66,53 @@ pub fn table(lines: &[Value]) -> String {
 }
 
 /// The summary object for the Redis → PostgreSQL direction (or the first direction measured
-/// when that pair was not run).
+/// when that pair was not run), with the browser-protocol figures when that phase ran.
 pub fn summary(lines: &[Value]) -> Option<Value> {
     let is = |l: &Value, m: &str| l["measure"] == m;
     let wanted = lines
         .iter()
         .find(|l| is(l, "latency") && l["source"] == "Redis" && l["target"] == "PostgreSQL")
-        .or_else(|| lines.iter().find(|l| is(l, "latency")))?;
-    let (pair, direction) = (&wanted["pair"], &wanted["direction"]);
-    let find = |m: &str| {
-        lines
+        .or_else(|| lines.iter().find(|l| is(l, "latency")));
+    let replication = lines.iter().find(|l| is(l, "replication_latency"));
+    if wanted.is_none() && replication.is_none() {
+        return None;
+    }
+    let mut out = json!({"measure": "summary"});
+    if let Some(wanted) = wanted {
+        let (pair, direction) = (&wanted["pair"], &wanted["direction"]);
+        let find = |m: &str| {
+            lines
+                .iter()
+                .find(|l| is(l, m) && &l["pair"] == pair && &l["direction"] == direction)
+        };
+        let idle = lines
             .iter()
-            .find(|l| is(l, m) && &l["pair"] == pair && &l["direction"] == direction)
-    };
-    let idle = lines
-        .iter()
-        .find(|l| is(l, "sweep_idle") && &l["pair"] == pair);
-    Some(json!({
-        "measure": "summary",
-        "direction": direction,
-        "p50_ms": wanted["stats"]["p50_ms"],
-        "p99_ms": wanted["stats"]["p99_ms"],
-        "throughput_per_s": find("throughput").map(|l| l["per_s"].clone()),
-        "catchup_s": find("catchup").map(|l| l["secs"].clone()),
-        "sweep_ms": find("sweep").map(|l| l["ms"].clone()),
-        "sweep_idle_ms": idle.map(|l| l["ms"].clone()),
-        "peak_rss_mb": find("peak_rss").map(|l| l["mb"].clone()),
-    }))
+            .find(|l| is(l, "sweep_idle") && &l["pair"] == pair);
+        out = json!({
+            "measure": "summary",
+            "direction": direction,
+            "p50_ms": wanted["stats"]["p50_ms"],
+            "p99_ms": wanted["stats"]["p99_ms"],
+            "throughput_per_s": find("throughput").map(|l| l["per_s"].clone()),
+            "catchup_s": find("catchup").map(|l| l["secs"].clone()),
+            "sweep_ms": find("sweep").map(|l| l["ms"].clone()),
+            "sweep_idle_ms": idle.map(|l| l["ms"].clone()),
+            "peak_rss_mb": find("peak_rss").map(|l| l["mb"].clone()),
+        });
+    }
+    if let Some(r) = replication {
+        let pair = &r["pair"];
+        let find = |m: &str| lines.iter().find(|l| is(l, m) && &l["pair"] == pair);
+        out["replication"] = json!({
+            "direction": r["direction"],
+            "p50_ms": r["stats"]["p50_ms"],
+            "p99_ms": r["stats"]["p99_ms"],
+            "pull_per_s": find("pull_throughput").map(|l| l["per_s"].clone()),
+            "pull_records": find("pull_throughput").map(|l| l["records"].clone()),
+            "idle_pull_ms": find("pull_idle").map(|l| l["p50_ms"].clone()),
+        });
+    }
+    Some(out)
 }
 
 fn machine() -> String {
@@ -135,10 +159,15 @@ pub fn write(from: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)?;
     let table = table(&lines);
     let summary = summary(&lines).context("no latency measurement to summarize")?;
+    let title = summary["direction"]
+        .as_str()
+        .or(summary["replication"]["direction"].as_str())
+        .unwrap_or_default()
+        .to_string();
     let png = out.join("latency.png");
     histogram(&lines, &png)?;
     let md = format!(
-        "# syncbridge benchmark\n\nMachine: {}.\n\n{table}\nSummary (Redis → PostgreSQL): `{summary}`\n\n\
+        "# syncbridge benchmark\n\nMachine: {}.\n\n{table}\nSummary ({title}): `{summary}`\n\n\
          Latency histogram: `latency.png`. Raw measurements: `{}`.\n",
         machine(),
         from.file_name().unwrap_or_default().to_string_lossy()
@@ -154,7 +183,11 @@ fn histogram(lines: &[Value], path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let series: Vec<(String, Vec<(f64, f64)>)> = lines
         .iter()
-        .filter(|l| l["measure"] == "latency" || l["measure"] == "latency_baseline")
+        .filter(|l| {
+            ["latency", "latency_baseline", "replication_latency"]
+                .iter()
+                .any(|m| l["measure"] == *m)
+        })
         .filter_map(|l| {
             let hist: Vec<(f64, u64)> = serde_json::from_value(l["stats"]["hist"].clone()).ok()?;
             let total: u64 = hist.iter().map(|h| h.1).sum();
