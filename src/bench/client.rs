@@ -458,6 +458,37 @@ impl Client {
         Ok(())
     }
 
+    /// Forgets every bridge registered as a reader of the store's change log, with the rows
+    /// kept for it. Only between phases, when no bridge runs: each phase's bridge is a new
+    /// instance, and the change log keeps a copy of every write for every registered reader
+    /// (see `stores::sql`), so readers of finished phases (and the bench's own `prepare`)
+    /// would make every later write cost more than it does in production.
+    pub async fn forget_bridges(&self) -> Result<()> {
+        let statements = [
+            format!("DELETE FROM {}", crate::stores::sql::CONSUMERS),
+            format!("DELETE FROM {}", crate::stores::sql::CHANGE_LOG),
+        ];
+        for sql in statements {
+            let done = match self {
+                Client::Redis { .. } => return Ok(()),
+                Client::Postgres { pool, .. } => sqlx::query(AssertSqlSafe(sql))
+                    .execute(pool)
+                    .await
+                    .map(|_| ()),
+                Client::Sqlite { pool, .. } => sqlx::query(AssertSqlSafe(sql))
+                    .execute(pool)
+                    .await
+                    .map(|_| ()),
+                Client::Mysql { pool, .. } => sqlx::query(AssertSqlSafe(sql))
+                    .execute(pool)
+                    .await
+                    .map(|_| ()),
+            };
+            done.context("forgetting the previous phases' bridges")?;
+        }
+        Ok(())
+    }
+
     /// Watches the store for the ids in `pending`; sends each id with the moment it was first
     /// seen, and removes it from `pending`. Runs until `stop` is cancelled.
     pub async fn observe(

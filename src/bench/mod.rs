@@ -233,6 +233,8 @@ impl Bench {
                 .await
                 .with_context(|| format!("preparing {}", redact_uri(uri)))?;
         }
+        // No bridge runs now: only this phase's bridge will read the change logs.
+        tokio::try_join!(self.local.forget_bridges(), self.cloud.forget_bridges())?;
         let setup = BridgeSetup::new(
             &self.bin,
             &self.root,
