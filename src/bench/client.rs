@@ -6,8 +6,9 @@
 //! trigger's `NOTIFY` and then asks only for the ids still outstanding; on SQLite (no
 //! notifications across processes) it polls the cheap `PRAGMA data_version` every millisecond
 //! and reads ids only when the file changed; on MySQL/MariaDB (no notifications either) it polls
-//! `MAX(seq)` of the change log every millisecond, as the bridge's listener does every 5 ms, and
-//! reads ids only when it moved.
+//! `MAX(seq)` of the change log every millisecond (registered as a reader of the log, so the
+//! bridge's writes log a row for it), as the bridge's listener does every 5 ms, and reads ids
+//! only when it moved.
 
 use crate::record::format_ts;
 use crate::stores::redact_uri;
@@ -563,6 +564,18 @@ impl Client {
             }
             Client::Mysql { options, .. } => {
                 let mut conn = sqlx::MySqlConnection::connect_with(options).await?;
+                // The change log keeps rows only for its registered readers, and never for the
+                // bridge that made the write: registered as a reader of its own, the observer
+                // sees the log move on every write the bridge applies (one more log row per
+                // write, what a second bridge on this database would cost).
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {} (name, last_seen) VALUES ('bench-observer', UTC_TIMESTAMP(6)) \
+                     ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen), dropped_at = NULL",
+                    crate::stores::sql::CONSUMERS
+                )))
+                .execute(&mut conn)
+                .await
+                .context("registering the observer as a change-log reader")?;
                 let sql = format!(
                     "SELECT COALESCE(MAX(seq), 0) FROM {}",
                     crate::stores::sql::CHANGE_LOG
