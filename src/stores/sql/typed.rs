@@ -969,9 +969,15 @@ impl TypedTable {
         }
         if let Some((ts, id)) = cursor.as_deref().and_then(|c| c.split_once('\n')) {
             let t1 = p.ts(&self.updated_at, ts.to_string());
-            let t2 = p.ts(&self.updated_at, ts.to_string());
-            let k = p.value(&self.key, Some(id.to_string()));
-            conds.push(format!("({upd} > {t1} OR ({upd} = {t2} AND {key} > {k}))"));
+            if d == Dialect::Mysql {
+                let t2 = p.ts(&self.updated_at, ts.to_string());
+                let k = p.value(&self.key, Some(id.to_string()));
+                conds.push(format!("({upd} > {t1} OR ({upd} = {t2} AND {key} > {k}))"));
+            } else {
+                // One index range (see the bridge's own tables' scan).
+                let k = p.value(&self.key, Some(id.to_string()));
+                conds.push(format!("({upd}, {key}) > ({t1}, {k})"));
+            }
         }
         let sql = format!(
             "SELECT {} FROM {} {} ORDER BY {upd}, {key} LIMIT {}",
