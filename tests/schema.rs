@@ -83,6 +83,14 @@ async fn shop_scenario(local: &TestStore, central: &TestStore, bridge: &TestBrid
         cell(central, &format!("SELECT name FROM users WHERE id = {uid}")).as_deref(),
         Some("ann")
     );
+    // No foreign-key error on the way: the order was never tried before its user (a deferred
+    // write would count here, then land on a retry and look the same from outside).
+    let deferred = bridge.engine.stats.snapshot().deferred;
+    assert_eq!(
+        (deferred.local, deferred.cloud),
+        (0, 0),
+        "the order was written before its user"
+    );
     // Status and amount updates arrive exactly.
     local.raw(&[&format!(
         "UPDATE orders SET status = 'paid', amount = 99.99 WHERE id = {oid}"
@@ -213,9 +221,27 @@ async fn two_way_auto_increment_without_an_allocation_rule_is_refused_at_start()
     );
 }
 
+/// Waits until the bridge's dead letters hold `key`, and returns its reason.
+async fn dead_letter(bridge: &TestBridge, key: &str) -> String {
+    for _ in 0..200 {
+        let dead = bridge.engine.queue.list(true, 100).await.unwrap();
+        if let Some(d) = dead.iter().find(|d| d.key == key) {
+            return d.last_error.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{key} was not dead-lettered: {:?}",
+        bridge.engine.queue.list(false, 100).await.unwrap()
+    );
+}
+
 /// Every type of the README's table, MariaDB → Redis → PostgreSQL and back: the values
-/// arrive exact, and the Redis document shows their JSON form. The MariaDB table's
+/// arrive exact both ways, and the Redis document shows their JSON form. The MariaDB table's
 /// modification time is its `ON UPDATE CURRENT_TIMESTAMP` column, found without being named.
+/// A writer session in another time zone stores the same instant. Values the target cannot
+/// hold (an unknown ENUM value, NULL in a NOT NULL column) are dead-lettered with the
+/// database's reason, never written half-way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_round_trips_sql_redis_sql() {
     let (maria, redis, pg) = (
@@ -226,12 +252,12 @@ async fn every_column_type_round_trips_sql_redis_sql() {
     maria.raw(&["CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount DECIMAL(20,6), \
          state ENUM('new','old'), tags SET('a','b','c'), day DATE, at_time TIME, \
          stamp TIMESTAMP(6) NULL, local_dt DATETIME(6), flag BOOLEAN, meta JSON, bin BLOB, \
-         label VARCHAR(20), missing VARCHAR(5), \
+         label VARCHAR(20), missing VARCHAR(5), required VARCHAR(5) NOT NULL DEFAULT 'x', \
          changed TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3))"]);
     pg.raw(&[
         "CREATE TABLE t (id BIGINT PRIMARY KEY, big BIGINT, amount NUMERIC(20,6), \
          state TEXT, tags TEXT, day DATE, at_time TIME, stamp TIMESTAMPTZ, local_dt TIMESTAMP, \
-         flag BOOLEAN, meta JSONB, bin BYTEA, label VARCHAR(20), missing VARCHAR(5), \
+         flag BOOLEAN, meta JSONB, bin BYTEA, label VARCHAR(20), missing VARCHAR(5), required VARCHAR(5), \
          updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now())",
     ]);
     let c = common::collection("types");
@@ -242,6 +268,9 @@ async fn every_column_type_round_trips_sql_redis_sql() {
             cloud_table: (!side_is_local).then(|| "t".to_string()),
             ..Default::default()
         }];
+        cfg.sync.retry_max_attempts = 2;
+        cfg.sync.retry_base_ms = 100;
+        cfg.sync.retry_max_secs = 1;
     };
     let (dir_a, dir_b) = (data_dir(), data_dir());
     let mut cfg_a = config(&maria, &redis, &[&c], Mode::Both, &path(&dir_a));
@@ -267,7 +296,7 @@ async fn every_column_type_round_trips_sql_redis_sql() {
         "state": "old", "tags": "a,c", "day": "2026-11-25", "at_time": "13:45:07",
         "stamp": "2026-11-25T10:11:12.345678Z", "local_dt": "2026-11-25T23:59:59.000001",
         "flag": true, "meta": {"k": [1, 2.5, "x"]}, "bin": "AP8Q", "label": "ünïcødé",
-        "missing": null,
+        "missing": null, "required": "x",
     });
     for (field, value) in want.as_object().unwrap() {
         assert_eq!(&doc[field], value, "field {field} in {doc}");
@@ -277,40 +306,145 @@ async fn every_column_type_round_trips_sql_redis_sql() {
         &format!(
             "SELECT concat_ws('|', big, amount, state, tags, day, at_time, \
              to_char(stamp AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), local_dt, flag, meta::text, \
-             encode(bin, 'hex'), label, coalesce(missing, 'NULL')) FROM t WHERE id = {id}"
+             encode(bin, 'hex'), label, coalesce(missing, 'NULL'), required) FROM t WHERE id = {id}"
         ),
     )
     .unwrap();
     assert_eq!(
         row,
         "-9223372036854775808|12345678901234.123456|old|a,c|2026-11-25|13:45:07|2026-11-25 10:11:12.345678|\
-         2026-11-25 23:59:59.000001|t|{\"k\": [1, 2.5, \"x\"]}|00ff10|ünïcødé|NULL"
+         2026-11-25 23:59:59.000001|t|{\"k\": [1, 2.5, \"x\"]}|00ff10|ünïcødé|NULL|x"
     );
-    // And back: an edit in PostgreSQL reaches MariaDB through Redis, exact.
+    // And back: an edit of every column in PostgreSQL reaches MariaDB through Redis, exact
+    // (the other extreme of BIGINT, a value to NULL and one from NULL, another instant).
     pg.raw(&[&format!(
-        "UPDATE t SET amount = 0.000001, flag = false, bin = '\\x0102'::bytea WHERE id = {id}"
+        "UPDATE t SET big = 9223372036854775807, amount = 0.000001, state = 'new', tags = 'b', \
+         day = '1999-12-31', at_time = '00:00:01', stamp = '2030-01-02 03:04:05.000006+00', \
+         local_dt = '2001-02-03 04:05:06.7', flag = false, meta = '{{\"z\": null, \"a\": [true]}}', \
+         bin = '\\x0102'::bytea, label = NULL, missing = 'abc' WHERE id = {id}"
     )]);
-    let back = format!("SELECT CONCAT_WS('|', amount, flag, HEX(bin)) FROM t WHERE id = {id}");
+    let back = format!(
+        "SELECT CONCAT_WS('|', big, amount, state, tags, day, at_time, stamp, local_dt, flag, \
+         JSON_EQUALS(meta, '{{\"a\": [true], \"z\": null}}'), HEX(bin), COALESCE(label, 'NULL'), missing, required) \
+         FROM t WHERE id = {id}"
+    );
+    let want_back = "9223372036854775807|0.000001|new|b|1999-12-31|00:00:01|2030-01-02 03:04:05.000006|\
+                     2001-02-03 04:05:06.700000|0|1|0102|NULL|abc|x";
     eventually("the PostgreSQL edit to reach MariaDB", || {
-        cell(&maria, &back).as_deref() == Some("0.000001|0|0102")
+        cell(&maria, &back).as_deref() == Some(want_back)
     })
     .await;
+    // A writer session in another time zone: TIMESTAMP columns hold instants, so the
+    // document carries the UTC time, whatever the application's session said.
+    maria.raw(&["SET time_zone = '+05:00'; \
+         INSERT INTO t (id, stamp, label) VALUES (2, '2026-11-25 15:11:12.345678', 'tz')"]);
+    eventually("the second row to reach PostgreSQL", || {
+        cell(&pg, "SELECT label FROM t WHERE id = 2").as_deref() == Some("tz")
+    })
+    .await;
+    let doc: Value = redis.get(&c, "2").expect("the Redis document");
+    assert_eq!(doc["stamp"], "2026-11-25T10:11:12.345678Z", "{doc}");
     // A value the target type cannot take (an enum value MariaDB does not know) is refused,
-    // not truncated, and the record is queued on the bridge that writes MariaDB.
+    // not truncated: the record is dead-lettered on the bridge that writes MariaDB, with
+    // MariaDB's reason.
     pg.raw(&[&format!("UPDATE t SET state = 'unknown' WHERE id = {id}")]);
-    let mut refused = Vec::new();
-    for _ in 0..100 {
-        refused = a.engine.queue.list(false, 10).await.unwrap();
-        if !refused.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(refused.len(), 1, "{refused:?}");
+    let reason = dead_letter(&a, &format!("{c}/{id}")).await;
+    assert!(
+        reason.contains("state"),
+        "the reason names the column: {reason}"
+    );
     assert_eq!(
         cell(&maria, &format!("SELECT state FROM t WHERE id = {id}")).as_deref(),
-        Some("old")
+        Some("new")
     );
+    // NULL into a NOT NULL column: the same.
+    pg.raw(&["UPDATE t SET required = NULL, label = 'tz2' WHERE id = 2"]);
+    let reason = dead_letter(&a, &format!("{c}/2")).await;
+    assert!(
+        reason.contains("required") && reason.to_lowercase().contains("null"),
+        "{reason}"
+    );
+    assert_eq!(
+        cell(
+            &maria,
+            "SELECT CONCAT_WS('|', required, label) FROM t WHERE id = 2"
+        )
+        .as_deref(),
+        Some("x|tz"),
+        "nothing of the refused row was written"
+    );
+    let status = serde_json::to_value(a.engine.status().await.unwrap()).unwrap();
+    assert_eq!(status["queue"]["failed"], 2, "status counts both: {status}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// SQLite's typed tables, SQLite → Redis → SQLite: declared types map by SQLite's affinity
+/// rules (plus BOOLEAN, DECIMAL and JSON by name), values arrive exact both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_typed_columns_round_trip_through_redis() {
+    let (one, redis, two) = (
+        TestStore::new(Kind::Sqlite),
+        TestStore::new(Kind::Redis),
+        TestStore::new(Kind::Sqlite),
+    );
+    let table = "CREATE TABLE t (id INTEGER PRIMARY KEY, big BIGINT, amount DECIMAL(10,2), \
+         flag BOOLEAN, bin BLOB, meta JSON, ratio REAL, label TEXT, day DATE, missing TEXT, \
+         updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))";
+    one.raw(&[table]);
+    two.raw(&[table]);
+    let c = common::collection("sqlite_types");
+    let typed = |cfg: &mut Config, side_is_local: bool| {
+        cfg.collections = vec![CollectionConfig {
+            name: c.clone(),
+            local_table: side_is_local.then(|| "t".to_string()),
+            cloud_table: (!side_is_local).then(|| "t".to_string()),
+            ..Default::default()
+        }];
+    };
+    let (dir_a, dir_b) = (data_dir(), data_dir());
+    let mut cfg_a = config(&one, &redis, &[&c], Mode::Both, &path(&dir_a));
+    typed(&mut cfg_a, true);
+    let mut cfg_b = config(&redis, &two, &[&c], Mode::Both, &path(&dir_b));
+    typed(&mut cfg_b, false);
+    let (a, b) = (
+        TestBridge::start(cfg_a).await,
+        TestBridge::start(cfg_b).await,
+    );
+    one.raw(&[
+        "INSERT INTO t (id, big, amount, flag, bin, meta, ratio, label, day, missing) \
+         VALUES (9007199254740993, -9223372036854775808, 250.25, 1, X'00FF10', '{\"k\":[1,2.5]}', \
+         0.5, 'ünïcødé', '2026-11-25', NULL)",
+    ]);
+    let id = "9007199254740993";
+    let everything = format!(
+        "SELECT big, amount, flag, hex(bin), json(meta), ratio, label, day, coalesce(missing, 'NULL') \
+         FROM t WHERE id = {id}"
+    );
+    eventually("the row to reach the other SQLite file", || {
+        cell(&two, &everything) == cell(&one, &everything) && cell(&two, &everything).is_some()
+    })
+    .await;
+    let doc: Value = redis.get(&c, id).expect("the Redis document");
+    let want = json!({
+        "id": 9007199254740993_i64, "big": i64::MIN, "amount": "250.25", "flag": true,
+        "bin": "AP8Q", "meta": {"k": [1, 2.5]}, "ratio": 0.5, "label": "ünïcødé",
+        "day": "2026-11-25", "missing": null,
+    });
+    for (field, value) in want.as_object().unwrap() {
+        assert_eq!(&doc[field], value, "field {field} in {doc}");
+    }
+    // And back, every column changed on the far side.
+    two.raw(&[&format!(
+        "UPDATE t SET big = 9223372036854775807, amount = 0.01, flag = 0, bin = X'0102', \
+         meta = '{{\"z\":null}}', ratio = -1.25, label = NULL, day = '1999-12-31', missing = 'here' \
+         WHERE id = {id}"
+    )]);
+    eventually("the edit to come back", || {
+        cell(&one, &everything).as_deref()
+            == Some("9223372036854775807|0.01|0|0102|{\"z\":null}|-1.25||1999-12-31|here")
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 }
@@ -343,6 +477,10 @@ async fn a_child_before_its_parent_waits_and_then_lands() {
     assert_eq!(waiting[0].key, "orders/70");
     assert!(!waiting[0].dead, "a missing parent never dead-letters");
     assert!(
+        bridge.engine.stats.snapshot().deferred.cloud >= 1,
+        "the deferral is counted"
+    );
+    assert!(
         waiting[0].last_error.contains("references"),
         "{}",
         waiting[0].last_error
@@ -369,12 +507,7 @@ async fn a_child_before_its_parent_waits_and_then_lands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_a_thousand_writes_and_resume_applies_them_in_order() {
     let server = TestStore::new(Kind::Mysql);
-    let (db_a, db_b, dir) = (
-        server.new_database("db_a"),
-        server.new_database("db_b"),
-        data_dir(),
-    );
-    db_a.raw(&[&mysql_schema(100)]);
+    let (db_a, db_b) = (server.new_database("db_a"), server.new_database("db_b"));
     db_b.raw(&[&mysql_schema(100)]);
     // The office records the order rows arrive in (its own trigger, beside the bridge's).
     db_b.raw(&[
@@ -384,7 +517,34 @@ async fn pause_holds_a_thousand_writes_and_resume_applies_them_in_order() {
          CREATE TRIGGER arrived_order AFTER INSERT ON orders FOR EACH ROW \
            INSERT INTO arrivals (tbl, row_id) VALUES ('orders', NEW.user_id)",
     ]);
-    let bridge = TestBridge::start(shop_config(&db_a, &db_b, &path(&dir))).await;
+    pause_and_resume_in_order(&db_a, &db_b).await;
+}
+
+/// The same with PostgreSQL as the office's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_keep_order_into_a_central_postgresql() {
+    let db_a = TestStore::new(Kind::Mysql).new_database("db_a");
+    let central = TestStore::new(Kind::Postgres).new_database("central");
+    central.raw(&[PG_SCHEMA]);
+    central.raw(&[
+        "CREATE TABLE arrivals (seq SERIAL PRIMARY KEY, tbl TEXT, row_id INT); \
+         CREATE FUNCTION arrived_user() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO arrivals (tbl, row_id) VALUES ('users', NEW.id); RETURN NULL; END $$; \
+         CREATE FUNCTION arrived_order() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO arrivals (tbl, row_id) VALUES ('orders', NEW.user_id); RETURN NULL; END $$; \
+         CREATE TRIGGER arrived_user AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION arrived_user(); \
+         CREATE TRIGGER arrived_order AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION arrived_order()",
+    ]);
+    pause_and_resume_in_order(&db_a, &central).await;
+}
+
+/// Pauses a bridge from the shop `db_a` (MariaDB, created here) to `db_b` (schema and an
+/// `arrivals (seq, tbl, row_id)` log of inserted users and orders already there), writes
+/// 1,000 rows, resumes, and checks what arrived and in which order.
+async fn pause_and_resume_in_order(db_a: &TestStore, db_b: &TestStore) {
+    db_a.raw(&[&mysql_schema(100)]);
+    let dir = data_dir();
+    let bridge = TestBridge::start(shop_config(db_a, db_b, &path(&dir))).await;
     let engine = bridge.engine.clone();
     assert!(engine.pause().await.unwrap(), "it was running");
     let mut sql = String::new();
@@ -413,14 +573,14 @@ async fn pause_holds_a_thousand_writes_and_resume_applies_them_in_order() {
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
-        cell(&db_b, "SELECT COUNT(*) FROM arrivals").as_deref(),
+        cell(db_b, "SELECT COUNT(*) FROM arrivals").as_deref(),
         Some("0"),
         "nothing is applied while paused"
     );
     let resumed = std::time::Instant::now();
     assert!(engine.resume().await.unwrap(), "it was paused");
     eventually("all 1,000 writes to arrive", || {
-        cell(&db_b, "SELECT COUNT(*) FROM arrivals").as_deref() == Some("1000")
+        cell(db_b, "SELECT COUNT(*) FROM arrivals").as_deref() == Some("1000")
     })
     .await;
     eprintln!(
@@ -429,7 +589,7 @@ async fn pause_holds_a_thousand_writes_and_resume_applies_them_in_order() {
     );
     // Every user arrived before each of its orders, and users in creation order.
     let late_orders = cell(
-        &db_b,
+        db_b,
         "SELECT COUNT(*) FROM arrivals o JOIN arrivals u ON u.tbl = 'users' AND u.row_id = o.row_id \
          WHERE o.tbl = 'orders' AND o.seq < u.seq",
     );

@@ -955,15 +955,45 @@ pub async fn stream(
         (status = 503, description = "State database unavailable", body = ErrorBody),
     ))]
 pub async fn clients(State(s): St) -> Result<axum::Json<Vec<ClientStatus>>, ApiError> {
-    let rows = sqlx::query(
-        "SELECT client_id, last_pull_ms, last_push_ms, last_checkpoint, pulls, pushes \
-         FROM replica_clients ORDER BY client_id LIMIT 10000",
-    )
-    .fetch_all(&s.replica.pool)
-    .await
-    .map_err(|e| ApiError::store(e.into()))?;
-    Ok(axum::Json(
-        rows.into_iter()
+    let clients = s
+        .replica
+        .client_statuses(ClientOrder::ById, 10_000)
+        .await
+        .map_err(|e| ApiError::store(e.into()))?;
+    Ok(axum::Json(clients))
+}
+
+/// How [`Replica::client_statuses`] orders its list.
+pub enum ClientOrder {
+    /// By client id (the full listing).
+    ById,
+    /// The most recently seen first (status shows the active ones).
+    LastSeen,
+}
+
+impl Replica {
+    /// Up to `limit` clients that sent `X-Client-Id`, with their last pull and push.
+    pub async fn client_statuses(
+        &self,
+        order: ClientOrder,
+        limit: i64,
+    ) -> sqlx::Result<Vec<ClientStatus>> {
+        let order = match order {
+            ClientOrder::ById => "client_id",
+            ClientOrder::LastSeen => {
+                "max(coalesce(last_pull_ms, 0), coalesce(last_push_ms, 0)) DESC, client_id"
+            }
+        };
+        // `order` is one of the two constant clauses above.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT client_id, last_pull_ms, last_push_ms, last_checkpoint, pulls, pushes \
+             FROM replica_clients ORDER BY {order} LIMIT ?"
+        )))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
             .map(|r| ClientStatus {
                 client_id: r.get(0),
                 last_pull: r.get::<Option<i64>, _>(1).map(format_ts),
@@ -972,8 +1002,15 @@ pub async fn clients(State(s): St) -> Result<axum::Json<Vec<ClientStatus>>, ApiE
                 pulls: r.get(4),
                 pushes: r.get(5),
             })
-            .collect(),
-    ))
+            .collect())
+    }
+
+    /// How many clients have sent `X-Client-Id`.
+    pub async fn client_count(&self) -> sqlx::Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM replica_clients")
+            .fetch_one(&self.pool)
+            .await
+    }
 }
 
 /// The browser client, an ES module.

@@ -388,6 +388,8 @@ pub struct Counters {
     pub future_rejected: Pair,
     /// Writes a store refused, per target side.
     pub rejected: Pair,
+    /// Writes a store could not take yet (parent row missing), per target side; retried.
+    pub deferred: Pair,
     /// Store errors.
     pub failures: u64,
 }
@@ -474,7 +476,23 @@ pub struct SyncStatus {
     /// Per configured collection: pending, synced, failed, and the failures with their attempts
     /// and last error.
     pub by_collection: std::collections::BTreeMap<String, CollectionStatus>,
+    /// Offline-first clients (`X-Client-Id` on the replication routes): how many there are, and
+    /// the most recently seen of them with their last pull and push.
+    pub replication_clients: ReplicationClients,
 }
+
+/// Replication clients, in status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicationClients {
+    /// Clients that ever sent `X-Client-Id`.
+    pub total: i64,
+    /// The most recently seen (at most [`CLIENTS_SHOWN`]); `GET /api/replicate/clients` lists
+    /// them all.
+    pub recent: Vec<super::replicate::ClientStatus>,
+}
+
+/// Replication clients listed in status.
+pub const CLIENTS_SHOWN: i64 = 20;
 
 /// One collection, in status.
 #[derive(Debug, Serialize, ToSchema)]
@@ -609,6 +627,7 @@ pub async fn status(State(s): St) -> axum::Json<SyncStatus> {
             invalid: pair(snap.invalid),
             future_rejected: pair(snap.future_rejected),
             rejected: pair(snap.rejected),
+            deferred: pair(snap.deferred),
             failures: snap.errors,
         },
         queue: QueueStatus {
@@ -630,6 +649,14 @@ pub async fn status(State(s): St) -> axum::Json<SyncStatus> {
         pending: q.held + q.pending,
         oldest_pending_age_secs: q.oldest_waiting_age_ms.map(|ms| ms / 1000),
         by_collection: collection_status(&s, &snap.synced, now).await,
+        replication_clients: ReplicationClients {
+            total: s.replica.client_count().await.unwrap_or_default(),
+            recent: s
+                .replica
+                .client_statuses(super::replicate::ClientOrder::LastSeen, CLIENTS_SHOWN)
+                .await
+                .unwrap_or_default(),
+        },
     })
 }
 
@@ -780,6 +807,13 @@ impl Metrics {
                 "rejected",
                 per_side("syncbridge_rejected_writes_total", "Writes a store refused")?,
             ),
+            (
+                "deferred",
+                per_side(
+                    "syncbridge_deferred_writes_total",
+                    "Writes a store could not take yet (parent row missing)",
+                )?,
+            ),
         ];
         let echoes = IntCounterVec::new(
             Opts::new("syncbridge_events_total", "Other engine events, by kind"),
@@ -851,6 +885,7 @@ impl Metrics {
                 "conflicts" => snap.conflicts,
                 "invalid" => snap.invalid,
                 "future" => snap.future_rejected,
+                "deferred" => snap.deferred,
                 _ => snap.rejected,
             };
             vec.reset();

@@ -651,6 +651,7 @@ impl Engine {
                                 // A parent row still on its way: the queue retries it with
                                 // backoff, as long as it takes, and never dead-letters it.
                                 failed_plans.insert(*plan);
+                                self.stats.deferred.add(side, 1);
                                 let msg =
                                     format!("{side} cannot take {collection}/{id} yet: {reason}");
                                 debug!("{msg}");

@@ -91,7 +91,9 @@ pub fn check_key_allocation(config: &Config, facts: &[(Side, Vec<TableFacts>)]) 
         if !(l.auto_increment && r.auto_increment) || c.key_allocation.is_some() {
             continue;
         }
-        if l.disjoint_keys && r.disjoint_keys {
+        if let (Some(a), Some(b)) = (l.key_range, r.key_range)
+            && a.disjoint_from(&b)
+        {
             continue;
         }
         return Err(Fatal(format!(
@@ -111,6 +113,7 @@ pub fn check_key_allocation(config: &Config, facts: &[(Side, Vec<TableFacts>)]) 
 mod tests {
     use super::*;
     use crate::config::{CollectionConfig, KeyAllocation};
+    use crate::stores::KeyRange;
 
     fn config(collections: Vec<CollectionConfig>) -> Config {
         let mut c = Config::default();
@@ -132,7 +135,7 @@ mod tests {
             collection: c.into(),
             references: refs.iter().map(|s| s.to_string()).collect(),
             auto_increment: auto,
-            disjoint_keys: false,
+            key_range: None,
         }
     }
 
@@ -188,5 +191,26 @@ mod tests {
         cfg.collections[0].key_allocation = None;
         cfg.sync.mode = Mode::LocalToCloud;
         check_key_allocation(&cfg, &f).unwrap();
+    }
+
+    #[test]
+    fn servers_stepping_apart_need_no_setting_but_equal_offsets_are_refused() {
+        let cfg = config(vec![typed("orders", "orders")]);
+        let with = |step, offset| {
+            let mut f = facts("orders", &[], true);
+            f.key_range = Some(KeyRange { step, offset });
+            f
+        };
+        let pair = |a, b| vec![(Side::Local, vec![a]), (Side::Cloud, vec![b])];
+        // increment 2, offsets 1 and 2: odd and even ids.
+        check_key_allocation(&cfg, &pair(with(2, 1), with(2, 2))).unwrap();
+        // Both step by 2 from the same offset: the same ids.
+        assert!(check_key_allocation(&cfg, &pair(with(2, 1), with(2, 1))).is_err());
+        // Steps 2 and 3 meet (7 = 1 + 3*2 = 1 + 2*3).
+        assert!(check_key_allocation(&cfg, &pair(with(2, 1), with(3, 1))).is_err());
+        // Steps 4 and 6 from 1 and 2: gcd 2 does not divide 1, never equal.
+        check_key_allocation(&cfg, &pair(with(4, 1), with(6, 2))).unwrap();
+        // One side unknown: refused.
+        assert!(check_key_allocation(&cfg, &pair(with(2, 1), facts("orders", &[], true))).is_err());
     }
 }

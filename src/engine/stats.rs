@@ -84,6 +84,9 @@ pub struct Stats {
     pub future_rejected: PerSide,
     /// Writes a store refused (too large, bad value), per target side.
     pub rejected: PerSide,
+    /// Writes a store could not take yet (a child whose parent row has not arrived), per
+    /// target side: queued and retried, never dead-lettered.
+    pub deferred: PerSide,
     /// Store errors (connection lost, timeouts).
     pub errors: AtomicU64,
     health: Mutex<[StoreHealth; 2]>,
@@ -168,6 +171,7 @@ impl Stats {
             invalid: self.invalid.snapshot(),
             future_rejected: self.future_rejected.snapshot(),
             rejected: self.rejected.snapshot(),
+            deferred: self.deferred.snapshot(),
             errors: load(&self.errors),
             conflict_outcomes: self
                 .conflict_outcomes
@@ -195,6 +199,7 @@ pub struct StatsSnapshot {
     pub invalid: SidePair,
     pub future_rejected: SidePair,
     pub rejected: SidePair,
+    pub deferred: SidePair,
     pub errors: u64,
     pub conflict_outcomes: std::collections::BTreeMap<String, u64>,
     pub synced: std::collections::BTreeMap<String, u64>,

@@ -172,10 +172,32 @@ pub struct TableFacts {
     pub references: Vec<String>,
     /// The key is allocated by the database (auto-increment, serial, identity, rowid).
     pub auto_increment: bool,
-    /// The database allocates keys from a range disjoint from other servers' (MySQL
-    /// `auto_increment_increment` > 1, a sequence stepping by more than 1): two-way sync
-    /// of inserts on both sides cannot collide.
-    pub disjoint_keys: bool,
+    /// The progression the database allocates new keys from, when it is known (MySQL
+    /// `auto_increment_increment`/`auto_increment_offset`, a sequence's increment and start):
+    /// two tables whose progressions share no value cannot give two new rows the same id.
+    pub key_range: Option<KeyRange>,
+}
+
+/// New keys are `offset + k * step` (k = 0, 1, …): how a server's auto-increment or sequence
+/// allocates them, so a start-up check can tell whether two servers' keys can collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The distance between two allocated keys (never 0).
+    pub step: i64,
+    /// Any one key of the progression (the first one).
+    pub offset: i64,
+}
+
+impl KeyRange {
+    /// Whether no key can be allocated by both: `offset1 + i*step1 = offset2 + j*step2` has a
+    /// solution exactly when gcd(step1, step2) divides the offsets' difference.
+    pub fn disjoint_from(&self, other: &KeyRange) -> bool {
+        fn gcd(a: i128, b: i128) -> i128 {
+            if b == 0 { a.abs() } else { gcd(b, a % b) }
+        }
+        let g = gcd(self.step as i128, other.step as i128);
+        g != 0 && (self.offset as i128 - other.offset as i128) % g != 0
+    }
 }
 
 /// One data store the bridge can keep in step.

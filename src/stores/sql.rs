@@ -37,7 +37,7 @@
 //! variable `@syncbridge_origin` to the instance id, and the triggers record it. The stamping
 //! rule (an UPDATE that changes the document without assigning `updated_at` gets the current
 //! time) is MySQL's own `ON UPDATE CURRENT_TIMESTAMP(6)`, which behaves exactly that way.
-//! `docs/mysql.md` has the column types and why.
+//! README.md, "MySQL and MariaDB", has the column types and why.
 
 mod typed;
 

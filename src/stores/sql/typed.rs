@@ -16,7 +16,7 @@
 
 use super::{Dialect, NOTIFY_CHANNEL, TS_MARKS};
 use crate::record::{ChangeRecord, Op, canonical_hash, format_ts, parse_ts, with_updated_at};
-use crate::stores::{ApplyOutcome, Slot, StoredRecord, TableFacts, TableSpec};
+use crate::stores::{ApplyOutcome, KeyRange, Slot, StoredRecord, TableFacts, TableSpec};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -293,33 +293,43 @@ async fn references(pool: &AnyPool, d: Dialect, table: &str) -> Result<Vec<Strin
         .collect()
 }
 
-/// Whether the server allocates this table's keys from a range other servers do not use.
-async fn disjoint_keys(pool: &AnyPool, d: Dialect, t: &TypedTable) -> Result<bool> {
+/// The progression this server allocates the table's new keys from (`None` where the
+/// database does not say: SQLite's rowid, a key with no sequence behind it).
+async fn key_range(pool: &AnyPool, d: Dialect, t: &TypedTable) -> Result<Option<KeyRange>> {
     Ok(match d {
-        Dialect::Sqlite => false,
+        Dialect::Sqlite => None,
         Dialect::Mysql => {
-            let step: i64 = sqlx::query("SELECT CAST(@@auto_increment_increment AS SIGNED)")
-                .fetch_one(pool)
-                .await?
-                .try_get(0)?;
-            step > 1
-        }
-        Dialect::Postgres => {
-            let step: Option<i64> = sqlx::query(
-                "SELECT s.increment_by FROM pg_sequences s \
-                 WHERE (s.schemaname || '.' || s.sequencename)::regclass = \
-                   pg_get_serial_sequence($1, $2)::regclass",
+            let row = sqlx::query(
+                "SELECT CAST(@@auto_increment_increment AS SIGNED), CAST(@@auto_increment_offset AS SIGNED)",
             )
-            .bind(q(&t.table))
-            .bind(t.key.name.clone())
-            .fetch_optional(pool)
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.try_get(0))
-            .transpose()?;
-            step.is_some_and(|s| s.abs() > 1)
+            .fetch_one(pool)
+            .await?;
+            let (step, offset): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            // MySQL ignores an offset greater than the increment and starts at 1.
+            Some(KeyRange {
+                step,
+                offset: if offset > step { 1 } else { offset },
+            })
         }
+        Dialect::Postgres => sqlx::query(
+            "SELECT s.increment_by, s.start_value FROM pg_sequences s \
+             WHERE (s.schemaname || '.' || s.sequencename)::regclass = \
+               pg_get_serial_sequence($1, $2)::regclass",
+        )
+        .bind(q(&t.table))
+        .bind(t.key.name.clone())
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| -> Result<KeyRange> {
+            Ok(KeyRange {
+                step: r.try_get(0)?,
+                offset: r.try_get(1)?,
+            })
+        })
+        .transpose()?
+        .filter(|r| r.step != 0),
     })
 }
 
@@ -462,7 +472,11 @@ pub(super) async fn prepare(
         collection: spec.collection.clone(),
         references: references(pool, d, &spec.table).await?,
         auto_increment: key.auto,
-        disjoint_keys: key.auto && disjoint_keys(pool, d, &table).await?,
+        key_range: if key.auto {
+            key_range(pool, d, &table).await?
+        } else {
+            None
+        },
     };
     info!(collection = %table.collection, table = %table.table, columns = table.columns.len(), "typed table mapped");
     Ok((table, facts))
