@@ -2,7 +2,8 @@
 # Browser test of the offline-first client: real headless Chromium (Debian `chromium`, driven by
 # the npm package `playwright-core`) against a live `syncbridge run` with SQLite as the local
 # store and Redis as the cloud store, on free loopback ports. Installs Chromium and
-# playwright-core when missing. Leaves a screenshot of /demo at target/demo.png.
+# playwright-core when missing. Leaves screenshots of /demo at target/demo.png (after the whole
+# test), target/demo-offline.png and target/demo-online.png (the demo walk).
 # Uses $SYNCBRIDGE_TEST_REDIS_URL when set (scripts/test.sh), else starts its own Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,22 +36,40 @@ fi
 # A Redis database of its own (emptied): the test's keys stay out of other suites' scans.
 redis_url="$base_redis/13"
 redis-cli -u "$redis_url" flushdb >/dev/null
-port=$(free_port)
-cat > "$work/bridge.toml" <<TOML
-data_dir = "$work/data"
+# Two bridges on the same Redis, each with its own SQLite file: the first open (EventSource
+# stream), the second with an API token (the client reads the stream with fetch and sends
+# Last-Event-ID by hand). `notes` is the demo walk's own collection, so its screenshots are short.
+token=browser-test-token
+start_bridge() { # start_bridge NAME PORT [TOKEN]
+  local name=$1 port=$2 token_line=
+  [ -z "${3:-}" ] || token_line="token = \"$3\""
+  cat > "$work/$name.toml" <<TOML
+data_dir = "$work/$name-data"
 [local]
-uri = "sqlite://$work/local.db"
+uri = "sqlite://$work/$name.db"
 [cloud]
 uri = "$redis_url"
 [sync]
-collections = ["todos"]
+collections = ["todos", "notes"]
 [api]
 bind = "127.0.0.1:$port"
+$token_line
 TOML
-"$target/debug/syncbridge" run --config "$work/bridge.toml" >"$work/bridge.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; kill -0 "${pids[0]}" 2>/dev/null || { cat "$work/bridge.log" >&2; exit 1; }; sleep 0.1; done
+  "$target/debug/syncbridge" run --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  local pid=$!
+  for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && return 0; kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; exit 1; }; sleep 0.1; done
+  echo "bridge $name did not start" >&2
+  exit 1
+}
+port=$(free_port)
+port2=$(free_port)
+start_bridge open "$port"
+start_bridge locked "$port2" "$token"
 status=0
-node tests/browser/offline.mjs "http://127.0.0.1:$port" "$redis_url" "$target/demo.png" || status=$?
-if [ "$status" != 0 ]; then echo "--- bridge log" >&2; tail -50 "$work/bridge.log" >&2; fi
+node tests/browser/offline.mjs "http://127.0.0.1:$port" "$redis_url" "$target" \
+  "http://127.0.0.1:$port2" "$token" || status=$?
+if [ "$status" != 0 ]; then
+  for name in open locked; do echo "--- $name bridge log" >&2; tail -50 "$work/$name.log" >&2; done
+fi
 exit "$status"

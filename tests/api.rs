@@ -622,6 +622,9 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
         "/openapi.json",
         &format!("/v1/records/{c}"),
         "/api/sync/both",
+        &format!("/api/replicate/{c}/pull"),
+        &format!("/api/replicate/{c}/stream"),
+        "/api/replicate/clients",
     ] {
         let r = anon.get(format!("{}{path}", b.base)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
@@ -643,6 +646,19 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
     for path in ["/api/sync/pause", "/api/sync/resume"] {
         let r = anon.post(format!("{}{path}", b.base)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    // A replication push without the token writes nothing.
+    let r = anon
+        .post(format!("{}/api/replicate/{c}/push", b.base))
+        .json(&json!({"changes": [{"id": "p1", "doc": {"a": 1, "updatedAt": "2026-11-30T10:00:00.000Z"}, "assumed": null}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The browser pages themselves open without it (their data calls carry it).
+    for path in ["/demo", "/client/syncbridge.js"] {
+        let r = anon.get(format!("{}{path}", b.base)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
     assert_eq!(
         b.get("/api/sync/status").await.1["paused"],
@@ -669,6 +685,8 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
         )
         .await;
     assert_eq!(code, StatusCode::CREATED);
+    let (code, pulled) = b.get(&format!("/api/replicate/{c}/pull")).await;
+    assert_eq!(code, StatusCode::OK, "{pulled}");
     b.stop().await;
 }
 

@@ -337,6 +337,28 @@ async fn pushes_are_idempotent_and_conflicts_come_back_with_the_server_version()
         "{me}"
     );
     assert!(me["pushes"].as_i64().unwrap() >= 6);
+    // ... and so does the bridge's status, with its last pull and push.
+    let status: Value = b
+        .http
+        .get(format!("{}/api/sync/status", b.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seen = &status["replication_clients"];
+    assert!(seen["total"].as_i64().unwrap() >= 1, "{seen}");
+    let me = seen["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client_id"] == json!("rust-test"))
+        .unwrap_or_else(|| panic!("client in status: {seen}"));
+    assert!(
+        me["last_pull"].is_string() && me["last_push"].is_string(),
+        "{me}"
+    );
     b.stop().await;
 }
 

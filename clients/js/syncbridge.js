@@ -1,6 +1,6 @@
 // syncbridge browser client: keeps IndexedDB object stores in step with a syncbridge server's
 // cloud collections, offline first. Dependency-free ES module; served by the bridge at
-// /client/syncbridge.js. Protocol: docs/offline.md.
+// /client/syncbridge.js. Protocol: README.md, "Offline-first clients".
 //
 //   import { SyncBridge } from '/client/syncbridge.js';
 //   const sb = new SyncBridge({ collections: ['todos'], conflict: 'latest' });
