@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: starts its own Redis and PostgreSQL on free loopback ports, runs the whole
+# The test command: starts its own Redis, PostgreSQL and MariaDB on free loopback ports, runs the whole
 # suite against them, fuzzes the HTTP API with schemathesis (scripts/api-fuzz.sh), stops them.
 # The fault test runs last with its output shown: it prints its seeds and counts.
 # MongoDB cannot be started here; the MongoDB tests run when MONGODB_URI (inherited from the
