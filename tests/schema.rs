@@ -614,3 +614,89 @@ async fn pause_and_resume_in_order(db_a: &TestStore, db_b: &TestStore) {
     );
     bridge.stop().await;
 }
+
+/// `columns` syncs only the named columns: the others stay each side's own, neither copied nor
+/// overwritten. `add_updated_at`: a table without a modification-time column is refused at
+/// start-up with the way out in the message, and with the setting the bridge adds the column
+/// (PostgreSQL's existing rows get the time of the ALTER) and syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_named_columns_sync_and_a_missing_updated_at_is_added_only_when_asked() {
+    let (local, pg) = (
+        TestStore::new(Kind::Sqlite),
+        TestStore::new(Kind::Postgres).new_database("cols"),
+    );
+    local.raw(&[
+        "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT, secret TEXT, \
+         updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+    ]);
+    // The central table has no modification time yet, and one row already.
+    pg.raw(&[
+        "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT, secret TEXT); \
+         INSERT INTO people VALUES ('p0', 'zero', 'central only')",
+    ]);
+    let dir = data_dir();
+    let mut cfg = config(&local, &pg, &["people"], Mode::Both, &path(&dir));
+    cfg.collections = vec![CollectionConfig {
+        name: "people".into(),
+        table: Some("people".into()),
+        columns: Some(vec!["name".into()]),
+        ..Default::default()
+    }];
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = match syncbridge::engine::pipeline::open_when_ready(cfg.clone(), &shutdown).await {
+        Ok(_) => panic!("a table without updated_at must be refused unless add_updated_at is set"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("add_updated_at"), "{err}");
+    assert_eq!(
+        cell(&pg, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'people' AND column_name = 'updated_at'").as_deref(),
+        Some("0"),
+        "nothing was added without the setting"
+    );
+    cfg.collections[0].add_updated_at = true;
+    let bridge = TestBridge::start(cfg).await;
+    assert_eq!(
+        cell(&pg, "SELECT data_type FROM information_schema.columns WHERE table_name = 'people' AND column_name = 'updated_at'").as_deref(),
+        Some("timestamp with time zone")
+    );
+    // The existing central row arrives, its name only.
+    eventually("the central row to reach the local table", || {
+        cell(
+            &local,
+            "SELECT name || '|' || coalesce(secret, 'NULL') FROM people WHERE id = 'p0'",
+        )
+        .as_deref()
+            == Some("zero|NULL")
+    })
+    .await;
+    local.raw(&["INSERT INTO people (id, name, secret) VALUES ('p1', 'ann', 'local only')"]);
+    eventually("the local row to reach PostgreSQL", || {
+        cell(&pg, "SELECT name FROM people WHERE id = 'p1'").as_deref() == Some("ann")
+    })
+    .await;
+    assert_eq!(
+        cell(
+            &pg,
+            "SELECT coalesce(secret, 'NULL') FROM people WHERE id = 'p1'"
+        )
+        .as_deref(),
+        Some("NULL"),
+        "an unsynced column is not copied"
+    );
+    // The central side fills its own secret and renames: the name comes back, the secrets stay.
+    pg.raw(&["UPDATE people SET secret = 'central only', name = 'ann b' WHERE id = 'p1'"]);
+    eventually("the rename to come back", || {
+        cell(&local, "SELECT name FROM people WHERE id = 'p1'").as_deref() == Some("ann b")
+    })
+    .await;
+    assert_eq!(
+        cell(&local, "SELECT secret FROM people WHERE id = 'p1'").as_deref(),
+        Some("local only"),
+        "an unsynced column is not overwritten"
+    );
+    assert_eq!(
+        cell(&pg, "SELECT secret FROM people WHERE id = 'p1'").as_deref(),
+        Some("central only")
+    );
+    bridge.stop().await;
+}
