@@ -191,7 +191,11 @@ impl CollectionConfig {
         self.table_on(side).map(|table| crate::stores::TableSpec {
             collection: self.name.clone(),
             table: table.to_string(),
-            key: self.key.first().cloned().unwrap_or_else(|| "id".into()),
+            key: if self.key.is_empty() {
+                default_key()
+            } else {
+                self.key.clone()
+            },
             updated_at: self.updated_at.clone(),
             columns: self.columns.clone(),
             add_updated_at: self.add_updated_at,
@@ -392,13 +396,19 @@ impl Config {
                     );
                 }
             }
-            if c.key.len() != 1 {
+            if c.key.is_empty() {
                 bail!(
-                    "collection {}: key {:?}: a typed table is synced by a one-column key; \
-                     composite keys are not supported yet (add a unique one-column key, or keep the collection in the bridge's own table)",
-                    c.name,
-                    c.key
+                    "collection {}: key is empty; name the key column(s), e.g. key = [\"id\"]",
+                    c.name
                 );
+            }
+            if let Some(dup) = c
+                .key
+                .iter()
+                .enumerate()
+                .find(|(i, k)| c.key[..*i].contains(k))
+            {
+                bail!("collection {}: key names {:?} twice", c.name, dup.1);
             }
             for d in &c.depends_on {
                 if !self.sync.collections.contains(d) {
@@ -584,24 +594,34 @@ mod tests {
             let orders = &c.collections[1];
             let spec = orders.table_spec(crate::record::Side::Local).unwrap();
             assert_eq!(
-                (spec.table.as_str(), spec.key.as_str()),
-                ("shop_orders", "id")
+                (spec.table.as_str(), spec.key.as_slice()),
+                ("shop_orders", ["id".to_string()].as_slice())
             );
             assert_eq!(orders.table_on(crate::record::Side::Cloud), Some("orders"));
             assert_eq!(orders.key_allocation, Some(KeyAllocation::Local));
             assert_eq!(spec.updated_at, "updated_at");
             Ok(())
         });
-        let c = Config {
+        let mut c = Config {
             collections: vec![CollectionConfig {
                 name: "customers".into(),
-                key: vec!["a".into(), "b".into()],
+                table: Some("lines".into()),
+                key: vec!["order_id".into(), "line_no".into()],
                 ..Default::default()
             }],
             ..Config::default()
         };
+        c.validate().unwrap();
+        let spec = c.collections[0]
+            .table_spec(crate::record::Side::Local)
+            .unwrap();
+        assert_eq!(spec.key, ["order_id", "line_no"]);
+        c.collections[0].key = vec![];
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("composite keys"), "{e}");
+        assert!(e.contains("key is empty"), "{e}");
+        c.collections[0].key = vec!["a".into(), "a".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
     }
 
     #[test]

@@ -53,7 +53,7 @@ async fn prepare(store: &Arc<dyn Store>, c: &str, layout: Layout) {
                 .prepare_tables(&[stores::TableSpec {
                     collection: c.to_string(),
                     table: c.to_string(),
-                    key: "id".into(),
+                    key: vec!["id".into()],
                     updated_at: "updated_at".into(),
                     columns: None,
                     add_updated_at: false,

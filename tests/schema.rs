@@ -700,3 +700,130 @@ async fn only_the_named_columns_sync_and_a_missing_updated_at_is_added_only_when
     );
     bridge.stop().await;
 }
+
+/// A table keyed by two columns (an order's lines: `order_id`, `code`), MariaDB ↔ PostgreSQL:
+/// inserts, updates, a change of key and deletes travel both ways row by row; ids are the key
+/// values joined with `:`, with `:` and `~` inside a value escaped, so a code holding both
+/// survives. Rows written while the bridge is down arrive through the start-up sweep, whose
+/// pages (three rows here) are cut through rows sharing one `updated_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_sync_row_by_row() {
+    let (maria, pg) = (
+        TestStore::new(Kind::Mysql).new_database("lines_a"),
+        TestStore::new(Kind::Postgres).new_database("lines_b"),
+    );
+    maria.raw(&[
+        "CREATE TABLE order_lines (order_id INT NOT NULL, code VARCHAR(20) NOT NULL, \
+         qty INT NOT NULL, updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) \
+         ON UPDATE CURRENT_TIMESTAMP(3), PRIMARY KEY (order_id, code))",
+    ]);
+    pg.raw(&[
+        "CREATE TABLE order_lines (order_id INT NOT NULL, code VARCHAR(20) NOT NULL, \
+         qty INT NOT NULL, updated_at TIMESTAMPTZ(3) NOT NULL DEFAULT now(), \
+         PRIMARY KEY (order_id, code))",
+    ]);
+    let dir = data_dir();
+    let mut cfg = config(&maria, &pg, &["lines"], Mode::Both, &path(&dir));
+    cfg.collections = vec![CollectionConfig {
+        name: "lines".into(),
+        table: Some("order_lines".into()),
+        key: vec!["order_id".into(), "code".into()],
+        ..Default::default()
+    }];
+    cfg.sync.batch_size = 3;
+    let lines = |s: &TestStore| {
+        s.raw(&["SELECT order_id, code, qty FROM order_lines ORDER BY order_id, code"])
+            .lines()
+            .map(|l| l.split(['\t', '|']).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    // Written before the bridge ever ran, all in one statement (one updated_at).
+    maria.raw(&["INSERT INTO order_lines (order_id, code, qty) VALUES \
+         (1, 'a', 2), (1, 'b:c~d', 5), (2, 'a', 1), (2, 'b', 1), (3, 'a', 7), (3, 'b', 8), (3, 'c', 9)"]);
+    let bridge = TestBridge::start(cfg.clone()).await;
+    eventually("the sweep to copy every line", || {
+        lines(&pg) == lines(&maria) && lines(&pg).len() == 7
+    })
+    .await;
+    let doc = bridge
+        .engine
+        .state
+        .agreed("lines", &["1:b~3Ac~7Ed".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(doc.len(), 1, "the id is the escaped key pair: {doc:?}");
+    // An update on the central side comes back.
+    pg.raw(&["UPDATE order_lines SET qty = 50 WHERE order_id = 1 AND code = 'b:c~d'"]);
+    eventually("the update to come back", || {
+        lines(&maria).contains(&"1 b:c~d 50".to_string())
+    })
+    .await;
+    // A change of key is a delete of the old row and an insert of the new one.
+    maria.raw(&["UPDATE order_lines SET code = 'z' WHERE order_id = 2 AND code = 'a'"]);
+    eventually("the re-keyed row to arrive", || {
+        let l = lines(&pg);
+        l.contains(&"2 z 1".to_string()) && !l.contains(&"2 a 1".to_string())
+    })
+    .await;
+    pg.raw(&["DELETE FROM order_lines WHERE order_id = 3"]);
+    eventually("the deletes to arrive", || {
+        lines(&maria) == lines(&pg) && lines(&maria).len() == 4
+    })
+    .await;
+    bridge.stop().await;
+    // While the bridge is down: more lines on both sides, found by the start-up sweep.
+    maria.raw(&["INSERT INTO order_lines (order_id, code, qty) VALUES (4, 'a', 1), (4, 'b', 2), (4, 'c', 3), (4, 'd', 4)"]);
+    pg.raw(&["INSERT INTO order_lines (order_id, code, qty) VALUES (5, 'x:y', 1)"]);
+    let bridge = TestBridge::start(cfg).await;
+    eventually("the offline lines to cross", || {
+        lines(&maria) == lines(&pg) && lines(&pg).len() == 9
+    })
+    .await;
+    assert!(lines(&maria).contains(&"5 x:y 1".to_string()));
+    bridge.stop().await;
+}
+
+/// A composite key in SQLite, synced with Redis: the Redis key is `<collection>:<id>` with the
+/// id made of the key values; a record written to Redis lands in the row its id names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_in_sqlite_sync_with_redis() {
+    let (sqlite, redis) = (TestStore::new(Kind::Sqlite), TestStore::new(Kind::Redis));
+    sqlite.raw(&["CREATE TABLE lines (order_id INTEGER NOT NULL, code TEXT NOT NULL, qty INTEGER, \
+         updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), \
+         PRIMARY KEY (order_id, code))"]);
+    let c = common::collection("lines");
+    let dir = data_dir();
+    let mut cfg = config(&sqlite, &redis, &[&c], Mode::Both, &path(&dir));
+    cfg.collections = vec![CollectionConfig {
+        name: c.clone(),
+        local_table: Some("lines".into()),
+        key: vec!["order_id".into(), "code".into()],
+        ..Default::default()
+    }];
+    let bridge = TestBridge::start(cfg).await;
+    sqlite.raw(&["INSERT INTO lines (order_id, code, qty) VALUES (1, 'a:b', 2)"]);
+    eventually("the line to reach Redis", || redis.get(&c, "1:a~3Ab").is_some()).await;
+    let doc = redis.get(&c, "1:a~3Ab").unwrap();
+    assert_eq!(
+        (&doc["order_id"], &doc["code"], &doc["qty"]),
+        (&json!(1), &json!("a:b"), &json!(2)),
+        "{doc}"
+    );
+    redis.put(&c, "7:q", &json!({"order_id": 7, "code": "q", "qty": 3}));
+    eventually("the Redis record to land in its row", || {
+        cell(&sqlite, "SELECT qty FROM lines WHERE order_id = 7 AND code = 'q'").as_deref()
+            == Some("3")
+    })
+    .await;
+    sqlite.raw(&["UPDATE lines SET order_id = 8 WHERE order_id = 7"]);
+    eventually("the re-keyed line in Redis", || {
+        redis.get(&c, "8:q").is_some() && redis.get(&c, "7:q").is_none()
+    })
+    .await;
+    redis.delete(&c, "1:a~3Ab");
+    eventually("the delete to reach SQLite", || {
+        cell(&sqlite, "SELECT COUNT(*) FROM lines").as_deref() == Some("1")
+    })
+    .await;
+    bridge.stop().await;
+}

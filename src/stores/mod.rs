@@ -153,8 +153,10 @@ pub struct TableSpec {
     pub collection: String,
     /// The table in this store.
     pub table: String,
-    /// The primary-key column; its value is the record id.
-    pub key: String,
+    /// The primary-key column(s). One column: its value is the record id. Several: each
+    /// value with `~` and `:` escaped (`~7E`, `~3A`), joined with `:` (`12:3`), so the id is
+    /// one string every store can key by and the values come back out of it exactly.
+    pub key: Vec<String>,
     /// The column holding the row's modification time (the record's `updatedAt`).
     pub updated_at: String,
     /// The columns to sync besides the key and `updated_at`; `None` syncs all.

@@ -70,8 +70,8 @@ pub(super) struct TypedTable {
     pub collection: String,
     /// The table name.
     pub table: String,
-    /// The key column.
-    pub key: Column,
+    /// The key column(s), in the order of the config's `key` (the order of the id's parts).
+    pub key: Vec<Column>,
     /// The modification-time column.
     pub updated_at: Column,
     /// The synced columns besides the key and `updated_at`.
@@ -317,7 +317,7 @@ async fn key_range(pool: &AnyPool, d: Dialect, t: &TypedTable) -> Result<Option<
                pg_get_serial_sequence($1, $2)::regclass",
         )
         .bind(q(&t.table))
-        .bind(t.key.name.clone())
+        .bind(t.key[0].name.clone())
         .fetch_optional(pool)
         .await
         .ok()
@@ -396,15 +396,28 @@ pub(super) async fn prepare(
         sql_type: c.sql_type.clone(),
         cast_type: c.data_type.clone(),
     };
-    let key = find(&spec.key).ok_or_else(|| {
-        fatal(format!(
-            "collection {}: table {} has no key column {:?}",
-            spec.collection, spec.table, spec.key
-        ))
-    })?;
-    if !key.primary {
-        warn!(table = %spec.table, column = %spec.key, "the key column is not the primary key: make sure it is unique");
+    let mut key = Vec::new();
+    for name in &spec.key {
+        key.push(find(name).ok_or_else(|| {
+            fatal(format!(
+                "collection {}: table {} has no key column {name:?}",
+                spec.collection, spec.table
+            ))
+        })?);
     }
+    let primary: Vec<&str> = cols
+        .iter()
+        .filter(|c| c.primary)
+        .map(|c| c.name.as_str())
+        .collect();
+    let mut named: Vec<&str> = spec.key.iter().map(String::as_str).collect();
+    named.sort_unstable();
+    let mut primary_sorted = primary.clone();
+    primary_sorted.sort_unstable();
+    if named != primary_sorted {
+        warn!(table = %spec.table, key = ?spec.key, primary_key = ?primary, "the key columns are not the primary key: make sure they are unique together");
+    }
+    let auto = key.iter().any(|c| c.auto);
     let upd = find(&upd_name).expect("checked above");
     let upd_col = to_column(upd);
     let ts_ok = match d {
@@ -439,14 +452,14 @@ pub(super) async fn prepare(
                         spec.collection, spec.table
                     ))
                 })?;
-                if c.name != spec.key && c.name != upd_name {
+                if !spec.key.contains(&c.name) && c.name != upd_name {
                     columns.push(to_column(c));
                 }
             }
         }
         None => {
             for c in &cols {
-                if c.name != spec.key && c.name != upd_name {
+                if !spec.key.contains(&c.name) && c.name != upd_name {
                     columns.push(to_column(c));
                 }
             }
@@ -455,7 +468,7 @@ pub(super) async fn prepare(
     let table = TypedTable {
         collection: spec.collection.clone(),
         table: spec.table.clone(),
-        key: to_column(key),
+        key: key.into_iter().map(to_column).collect(),
         updated_at: upd_col,
         columns,
     };
@@ -471,8 +484,9 @@ pub(super) async fn prepare(
     let facts = TableFacts {
         collection: spec.collection.clone(),
         references: references(pool, d, &spec.table).await?,
-        auto_increment: key.auto,
-        key_range: if key.auto {
+        auto_increment: auto,
+        // A composite key's allocation has no single progression: say who allocates.
+        key_range: if auto && table.key.len() == 1 {
             key_range(pool, d, &table).await?
         } else {
             None
@@ -507,7 +521,7 @@ async fn ensure_mysql_index(pool: &AnyPool, t: &TypedTable) -> Result<()> {
             q(&format!("_syncbridge_{}_updated_at", t.collection)),
             q(&t.table),
             q(&t.updated_at.name),
-            q(&t.key.name)
+            t.key_list()
         );
         sqlx::query(AssertSqlSafe(sql)).execute(pool).await?;
     }
@@ -517,28 +531,44 @@ async fn ensure_mysql_index(pool: &AnyPool, t: &TypedTable) -> Result<()> {
 /// The index by time (so sweeps cost what changed) and the triggers that fill the change log
 /// and stamp UPDATEs that leave the time alone.
 fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
-    let (c, table, key, upd) = (
+    let (c, table, keys, upd) = (
         &t.collection,
         q(&t.table),
-        q(&t.key.name),
+        t.key_list(),
         q(&t.updated_at.name),
     );
     let idx = q(&format!("_syncbridge_{c}_updated_at"));
     let name = format!("'{c}'");
     // Every change-log row goes through the one fan-out rule (a row per consumer).
     let log = |id: &str, when: Option<&str>| d.log_insert(&name, id, when);
+    // The id as the reads build it (`read_expr` of each key column, encoded as `encode_key`
+    // does), so a logged id is exactly the id the listener then reads by.
+    let id_of = |row: &str| {
+        let parts: Vec<String> = t.key.iter().map(|k| read_expr_on(d, k, row)).collect();
+        key_id_sql(d, &parts)
+    };
+    let (new_id, old_id) = (id_of("NEW."), id_of("OLD."));
+    // `WHERE` for the row NEW names.
+    let this_row = t
+        .key
+        .iter()
+        .map(|k| format!("{0} = NEW.{0}", q(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     match d {
         Dialect::Sqlite => {
-            let (new_id, old_id) = (
-                format!("CAST(NEW.{key} AS TEXT)"),
-                format!("CAST(OLD.{key} AS TEXT)"),
-            );
+            let key_changed = t
+                .key
+                .iter()
+                .map(|k| format!("OLD.{0} IS NOT NEW.{0}", q(&k.name)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
             vec![
-                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
+                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {keys})"),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
-                       WHERE {key} = NEW.{key} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
+                       WHERE {this_row} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
                      {}; END",
                     log(&new_id, None)
                 ),
@@ -551,12 +581,12 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
-                       WHERE {key} = NEW.{key} AND NEW.{upd} IS OLD.{upd} \
+                       WHERE {this_row} AND NEW.{upd} IS OLD.{upd} \
                        AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}); \
                      DELETE FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}; \
                      {}; {}; END",
                     log(&new_id, None),
-                    log(&old_id, Some(&format!("OLD.{key} IS NOT NEW.{key}")))
+                    log(&old_id, Some(&format!("({key_changed})")))
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} BEGIN \
@@ -569,12 +599,18 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
             let cap = q(&format!("_syncbridge_capture_{c}"));
             let mark = q(&format!("_syncbridge_mark_{c}"));
             let stamp = q(&format!("_syncbridge_stamp_{c}"));
+            let key_changed = t
+                .key
+                .iter()
+                .map(|k| format!("OLD.{0} IS DISTINCT FROM NEW.{0}", q(&k.name)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
             vec![
-                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {key})"),
+                format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {keys})"),
                 format!(
                     "CREATE OR REPLACE FUNCTION {cap}() RETURNS trigger LANGUAGE plpgsql AS $fn$
                      BEGIN
-                       IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.{key} IS DISTINCT FROM NEW.{key}) THEN
+                       IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ({key_changed})) THEN
                          {old_row};
                        END IF;
                        IF TG_OP <> 'DELETE' THEN
@@ -583,19 +619,19 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                        PERFORM pg_notify('{NOTIFY_CHANNEL}', '{c}');
                        RETURN NULL;
                      END $fn$",
-                    old_row = log(&format!("OLD.{key}::text"), None),
-                    new_row = log(&format!("NEW.{key}::text"), None),
+                    old_row = log(&old_id, None),
+                    new_row = log(&new_id, None),
                 ),
                 format!(
                     "CREATE OR REPLACE FUNCTION {mark}() RETURNS trigger LANGUAGE plpgsql AS $fn$
                      BEGIN
-                       PERFORM set_config('syncbridge.ts_assigned', NEW.{key}::text, true);
+                       PERFORM set_config('syncbridge.ts_assigned', {new_id}, true);
                        RETURN NEW;
                      END $fn$"
                 ),
                 format!(
                     "CREATE OR REPLACE FUNCTION {stamp}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-                     DECLARE assigned BOOLEAN := coalesce(current_setting('syncbridge.ts_assigned', true), '') = NEW.{key}::text;
+                     DECLARE assigned BOOLEAN := coalesce(current_setting('syncbridge.ts_assigned', true), '') = {new_id};
                      BEGIN
                        PERFORM set_config('syncbridge.ts_assigned', '', true);
                        IF NOT assigned AND NEW.{upd} IS NOT DISTINCT FROM OLD.{upd}
@@ -621,10 +657,12 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
         }
         // Stamping is the column's own ON UPDATE CURRENT_TIMESTAMP.
         Dialect::Mysql => {
-            let (new_id, old_id) = (
-                format!("CAST(NEW.{key} AS CHAR)"),
-                format!("CAST(OLD.{key} AS CHAR)"),
-            );
+            let same_key = t
+                .key
+                .iter()
+                .map(|k| format!("OLD.{0} <=> NEW.{0}", q(&k.name)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
             vec![
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} \
@@ -635,7 +673,7 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} \
                      FOR EACH ROW BEGIN {}; {}; END",
                     log(&new_id, None),
-                    log(&old_id, Some(&format!("NOT (OLD.{key} <=> NEW.{key})")))
+                    log(&old_id, Some(&format!("NOT ({same_key})")))
                 ),
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} \
@@ -647,9 +685,73 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
     }
 }
 
+/// A record id from a row's key texts: one column's text as it is; several, each with `~`
+/// and `:` escaped as `~7E` and `~3A`, joined with `:` (`12:3`, `a~3Ab:7`). Readable for the
+/// common integer keys, and reversible ([`decode_key`]) whatever the values hold.
+fn encode_key(parts: &[String]) -> String {
+    if let [one] = parts {
+        return one.clone();
+    }
+    parts
+        .iter()
+        .map(|p| p.replace('~', "~7E").replace(':', "~3A"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The key texts of an id made by [`encode_key`] for `n` columns; `None` if it is not one.
+fn decode_key(id: &str, n: usize) -> Option<Vec<String>> {
+    if n == 1 {
+        return Some(vec![id.to_string()]);
+    }
+    let parts: Vec<&str> = id.split(':').collect();
+    if parts.len() != n {
+        return None;
+    }
+    parts
+        .into_iter()
+        .map(|p| {
+            let mut out = String::with_capacity(p.len());
+            let mut rest = p;
+            while let Some(i) = rest.find('~') {
+                out.push_str(&rest[..i]);
+                let esc = rest.get(i..i + 3)?;
+                out.push(match esc {
+                    "~7E" => '~',
+                    "~3A" => ':',
+                    _ => return None,
+                });
+                rest = &rest[i + 3..];
+            }
+            out.push_str(rest);
+            Some(out)
+        })
+        .collect()
+}
+
+/// [`encode_key`] in SQL, over the key columns' text expressions (for the triggers).
+fn key_id_sql(d: Dialect, parts: &[String]) -> String {
+    if let [one] = parts {
+        return one.clone();
+    }
+    let escaped: Vec<String> = parts
+        .iter()
+        .map(|p| format!("REPLACE(REPLACE({p}, '~', '~7E'), ':', '~3A')"))
+        .collect();
+    match d {
+        Dialect::Mysql => format!("CONCAT({})", escaped.join(", ':', ")),
+        Dialect::Sqlite | Dialect::Postgres => escaped.join(" || ':' || "),
+    }
+}
+
 /// A column's value as exact text, in SQL.
 fn read_expr(d: Dialect, c: &Column) -> String {
-    let n = q(&c.name);
+    read_expr_on(d, c, "")
+}
+
+/// [`read_expr`] of the column in `row` (`NEW.`, `OLD.` in a trigger; empty for the table).
+fn read_expr_on(d: Dialect, c: &Column, row: &str) -> String {
+    let n = format!("{row}{}", q(&c.name));
     match (d, c.kind) {
         (Dialect::Sqlite, Kind::Blob) => format!("hex({n})"),
         (Dialect::Sqlite, _) => format!("CAST({n} AS TEXT)"),
@@ -869,37 +971,96 @@ fn classify(e: &sqlx::Error) -> Option<ApplyOutcome> {
 }
 
 impl TypedTable {
+    /// The key columns, quoted, comma-separated (for `ORDER BY`, indexes, row values).
+    fn key_list(&self) -> String {
+        self.key
+            .iter()
+            .map(|k| q(&k.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The key columns' texts, then the time, then the synced columns.
     fn select_list(&self, d: Dialect) -> String {
-        let mut cols = vec![
-            format!("{} AS id", read_expr(d, &self.key)),
-            format!("{} AS ts", ts_expr(d, &self.updated_at)),
-        ];
+        let mut cols: Vec<String> = self.key.iter().map(|k| read_expr(d, k)).collect();
+        cols.push(format!("{} AS ts", ts_expr(d, &self.updated_at)));
         cols.extend(self.columns.iter().map(|c| read_expr(d, c)));
         cols.join(", ")
     }
 
-    /// Whether `id` can be a key of this table at all (an id "abc" cannot be an integer
-    /// key: such a record is absent, and a write of it is refused).
-    fn key_text(&self, d: Dialect, id: &str) -> std::result::Result<String, String> {
-        from_json(d, &self.key, &Value::String(id.to_string()))?
-            .ok_or_else(|| "an empty key".to_string())
+    /// The key columns' texts for `id`, or why it cannot be a key of this table at all (an
+    /// id "abc" cannot be an integer key: such a record is absent, and a write of it is
+    /// refused).
+    fn key_texts(&self, d: Dialect, id: &str) -> std::result::Result<Vec<String>, String> {
+        let parts = decode_key(id, self.key.len()).ok_or_else(|| {
+            format!(
+                "not a key of {} ({} values joined with ':')",
+                self.table,
+                self.key.len()
+            )
+        })?;
+        self.key
+            .iter()
+            .zip(parts)
+            .map(|(k, part)| {
+                from_json(d, k, &Value::String(part))?.ok_or_else(|| "an empty key".to_string())
+            })
+            .collect()
+    }
+
+    /// `k1 = v1 AND k2 = v2 ...` for the key texts of one record.
+    fn key_match(&self, p: &mut Params, texts: &[String]) -> String {
+        self.key
+            .iter()
+            .zip(texts)
+            .map(|(k, t)| format!("{} = {}", q(&k.name), p.value(k, Some(t.clone()))))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// The key texts of one record as a SQL row value `(v1, v2)` (one column: `v1`).
+    fn key_row(&self, p: &mut Params, texts: &[String]) -> String {
+        let values: Vec<String> = self
+            .key
+            .iter()
+            .zip(texts)
+            .map(|(k, t)| p.value(k, Some(t.clone())))
+            .collect();
+        if values.len() == 1 {
+            values.into_iter().next().expect("one")
+        } else {
+            format!("({})", values.join(", "))
+        }
     }
 
     /// A row as a slot.
     fn row_slot(&self, row: &AnyRow) -> Result<(String, Slot, Vec<Option<String>>)> {
-        let id: String = row.try_get(0)?;
-        let ts: Option<String> = row.try_get(1)?;
-        let mut texts: Vec<Option<String>> = vec![ts.clone()];
+        let k = self.key.len();
         let mut doc = Map::new();
         let mut problem = None;
-        match to_json(self.key.kind, &id) {
-            Ok(v) => {
-                doc.insert(self.key.name.clone(), v);
+        let mut parts = Vec::with_capacity(k);
+        for (i, key) in self.key.iter().enumerate() {
+            let text: Option<String> = row.try_get(i)?;
+            let Some(text) = text else {
+                problem.get_or_insert(format!("key column {} is NULL", key.name));
+                parts.push(String::new());
+                continue;
+            };
+            match to_json(key.kind, &text) {
+                Ok(v) => {
+                    doc.insert(key.name.clone(), v);
+                }
+                Err(e) => {
+                    problem.get_or_insert(format!("key {}: {e}", key.name));
+                }
             }
-            Err(e) => problem = Some(format!("key {}: {e}", self.key.name)),
+            parts.push(text);
         }
+        let id = encode_key(&parts);
+        let ts: Option<String> = row.try_get(k)?;
+        let mut texts: Vec<Option<String>> = vec![ts.clone()];
         for (i, c) in self.columns.iter().enumerate() {
-            let text: Option<String> = row.try_get(i + 2)?;
+            let text: Option<String> = row.try_get(k + 1 + i)?;
             let value = match &text {
                 None => Value::Null,
                 Some(t) => match to_json(c.kind, t) {
@@ -942,17 +1103,21 @@ impl TypedTable {
         let mut p = Params::new(d);
         let mut placeholders = Vec::new();
         for id in ids {
-            if let Ok(k) = self.key_text(d, id) {
-                placeholders.push(p.value(&self.key, Some(k)));
+            if let Ok(k) = self.key_texts(d, id) {
+                placeholders.push(self.key_row(&mut p, &k));
             }
         }
         let mut found: BTreeMap<String, Slot> = BTreeMap::new();
         if !placeholders.is_empty() {
+            let keys = if self.key.len() == 1 {
+                self.key_list()
+            } else {
+                format!("({})", self.key_list())
+            };
             let sql = format!(
-                "SELECT {} FROM {} WHERE {} IN ({})",
+                "SELECT {} FROM {} WHERE {keys} IN ({})",
                 self.select_list(d),
                 q(&self.table),
-                q(&self.key.name),
                 placeholders.join(",")
             );
             for row in p.query(sql).fetch_all(exec).await? {
@@ -975,26 +1140,41 @@ impl TypedTable {
         cursor: Option<String>,
         limit: usize,
     ) -> Result<crate::stores::ScanPage> {
-        let (upd, key) = (q(&self.updated_at.name), q(&self.key.name));
+        let (upd, keys) = (q(&self.updated_at.name), self.key_list());
         let mut p = Params::new(d);
         let mut conds = Vec::new();
         if let Some(s) = since_ms {
             conds.push(format!("{upd} >= {}", p.ts(&self.updated_at, format_ts(s))));
         }
         if let Some((ts, id)) = cursor.as_deref().and_then(|c| c.split_once('\n')) {
+            let texts = self
+                .key_texts(d, id)
+                .map_err(|e| anyhow::anyhow!("scan cursor of {}: {e}", self.table))?;
             let t1 = p.ts(&self.updated_at, ts.to_string());
             if d == Dialect::Mysql {
                 let t2 = p.ts(&self.updated_at, ts.to_string());
-                let k = p.value(&self.key, Some(id.to_string()));
-                conds.push(format!("({upd} > {t1} OR ({upd} = {t2} AND {key} > {k}))"));
+                let k = self.key_row(&mut p, &texts);
+                let (lhs, rhs) = if self.key.len() == 1 {
+                    (keys.clone(), k)
+                } else {
+                    (format!("({keys})"), k)
+                };
+                conds.push(format!(
+                    "({upd} > {t1} OR ({upd} = {t2} AND {lhs} > {rhs}))"
+                ));
             } else {
                 // One index range (see the bridge's own tables' scan).
-                let k = p.value(&self.key, Some(id.to_string()));
-                conds.push(format!("({upd}, {key}) > ({t1}, {k})"));
+                let values: Vec<String> = self
+                    .key
+                    .iter()
+                    .zip(&texts)
+                    .map(|(k, t)| p.value(k, Some(t.clone())))
+                    .collect();
+                conds.push(format!("({upd}, {keys}) > ({t1}, {})", values.join(", ")));
             }
         }
         let sql = format!(
-            "SELECT {} FROM {} {} ORDER BY {upd}, {key} LIMIT {}",
+            "SELECT {} FROM {} {} ORDER BY {upd}, {keys} LIMIT {}",
             self.select_list(d),
             q(&self.table),
             if conds.is_empty() {
@@ -1061,7 +1241,7 @@ impl TypedTable {
         };
         for name in fields.keys() {
             if name != "updatedAt"
-                && name != &self.key.name
+                && !self.key.iter().any(|k| &k.name == name)
                 && !self.columns.iter().any(|c| &c.name == name)
             {
                 return Err(format!(
@@ -1090,11 +1270,11 @@ impl TypedTable {
         record: &ChangeRecord,
         expected: Option<&str>,
     ) -> Result<ApplyOutcome> {
-        let key = match self.key_text(d, &record.id) {
+        let key = match self.key_texts(d, &record.id) {
             Ok(k) => k,
             Err(e) => return Ok(ApplyOutcome::Rejected(format!("id {:?}: {e}", record.id))),
         };
-        let (t, kq) = (q(&self.table), q(&self.key.name));
+        let t = q(&self.table);
         let mut p = Params::new(d);
         let sql = match (&record.doc, record.op, expected) {
             (Some(doc), Op::Upsert, expected) => {
@@ -1104,8 +1284,12 @@ impl TypedTable {
                 };
                 match expected {
                     None => {
-                        let mut names = vec![kq.clone()];
-                        let mut exprs = vec![p.value(&self.key, Some(key.clone()))];
+                        let mut names = Vec::new();
+                        let mut exprs = Vec::new();
+                        for (k, v) in self.key.iter().zip(&key) {
+                            names.push(q(&k.name));
+                            exprs.push(p.value(k, Some(v.clone())));
+                        }
                         for (c, v) in self.columns.iter().zip(values) {
                             names.push(q(&c.name));
                             exprs.push(p.value(c, v));
@@ -1128,19 +1312,19 @@ impl TypedTable {
                             q(&self.updated_at.name),
                             p.ts(&self.updated_at, format_ts(record.updated_at_ms))
                         ));
-                        let k = p.value(&self.key, Some(key.clone()));
+                        let this = self.key_match(&mut p, &key);
                         let guard = self.guard(d, &mut p, etag)?;
                         format!(
-                            "UPDATE {t} SET {} WHERE {kq} = {k} AND {guard}",
+                            "UPDATE {t} SET {} WHERE {this} AND {guard}",
                             sets.join(", ")
                         )
                     }
                 }
             }
             (_, _, Some(etag)) => {
-                let k = p.value(&self.key, Some(key.clone()));
+                let this = self.key_match(&mut p, &key);
                 let guard = self.guard(d, &mut p, etag)?;
-                format!("DELETE FROM {t} WHERE {kq} = {k} AND {guard}")
+                format!("DELETE FROM {t} WHERE {this} AND {guard}")
             }
             (_, _, None) => String::new(),
         };
@@ -1195,6 +1379,39 @@ impl TypedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn composite_ids_are_readable_and_decode_exactly() {
+        let parts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(encode_key(&parts(&["12", "3"])), "12:3");
+        assert_eq!(encode_key(&parts(&["a:b", "~"])), "a~3Ab:~7E");
+        // One column: the value itself, whatever it holds.
+        assert_eq!(encode_key(&parts(&["a:b~"])), "a:b~");
+        assert_eq!(decode_key("a:b~", 1), Some(parts(&["a:b~"])));
+        for v in [
+            parts(&["12", "3"]),
+            parts(&["", ":"]),
+            parts(&["~3A", "~7E~"]),
+            parts(&["x", "y", "z:~:"]),
+        ] {
+            assert_eq!(
+                decode_key(&encode_key(&v), v.len()),
+                Some(v.clone()),
+                "{v:?}"
+            );
+        }
+        assert_eq!(decode_key("1:2:3", 2), None, "too many parts");
+        assert_eq!(decode_key("12", 2), None, "too few");
+        assert_eq!(decode_key("a~zz:1", 2), None, "not an escape");
+        assert_eq!(decode_key("a~3:1", 2), None, "a cut escape");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn composite_ids_round_trip(parts in proptest::collection::vec(".*", 2..4)) {
+            proptest::prop_assert_eq!(decode_key(&encode_key(&parts), parts.len()), Some(parts));
+        }
+    }
 
     fn col(kind: Kind) -> Column {
         Column {
