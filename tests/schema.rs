@@ -788,9 +788,11 @@ async fn composite_keys_sync_row_by_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn composite_keys_in_sqlite_sync_with_redis() {
     let (sqlite, redis) = (TestStore::new(Kind::Sqlite), TestStore::new(Kind::Redis));
-    sqlite.raw(&["CREATE TABLE lines (order_id INTEGER NOT NULL, code TEXT NOT NULL, qty INTEGER, \
+    sqlite.raw(&[
+        "CREATE TABLE lines (order_id INTEGER NOT NULL, code TEXT NOT NULL, qty INTEGER, \
          updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), \
-         PRIMARY KEY (order_id, code))"]);
+         PRIMARY KEY (order_id, code))",
+    ]);
     let c = common::collection("lines");
     let dir = data_dir();
     let mut cfg = config(&sqlite, &redis, &[&c], Mode::Both, &path(&dir));
@@ -802,7 +804,10 @@ async fn composite_keys_in_sqlite_sync_with_redis() {
     }];
     let bridge = TestBridge::start(cfg).await;
     sqlite.raw(&["INSERT INTO lines (order_id, code, qty) VALUES (1, 'a:b', 2)"]);
-    eventually("the line to reach Redis", || redis.get(&c, "1:a~3Ab").is_some()).await;
+    eventually("the line to reach Redis", || {
+        redis.get(&c, "1:a~3Ab").is_some()
+    })
+    .await;
     let doc = redis.get(&c, "1:a~3Ab").unwrap();
     assert_eq!(
         (&doc["order_id"], &doc["code"], &doc["qty"]),
@@ -811,7 +816,11 @@ async fn composite_keys_in_sqlite_sync_with_redis() {
     );
     redis.put(&c, "7:q", &json!({"order_id": 7, "code": "q", "qty": 3}));
     eventually("the Redis record to land in its row", || {
-        cell(&sqlite, "SELECT qty FROM lines WHERE order_id = 7 AND code = 'q'").as_deref()
+        cell(
+            &sqlite,
+            "SELECT qty FROM lines WHERE order_id = 7 AND code = 'q'",
+        )
+        .as_deref()
             == Some("3")
     })
     .await;
