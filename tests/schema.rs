@@ -799,10 +799,29 @@ async fn composite_keys_in_sqlite_sync_with_redis() {
     cfg.collections = vec![CollectionConfig {
         name: c.clone(),
         local_table: Some("lines".into()),
-        key: vec!["order_id".into(), "code".into()],
+        key: vec!["order_id".into()],
         ..Default::default()
     }];
+    // A first run mapped the table by one column; its triggers log ids of one part.
+    TestBridge::start(cfg.clone()).await.stop().await;
+    let triggers = || {
+        sqlite
+            .raw(&["SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'lines' ORDER BY name"])
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let first = triggers();
+    assert_eq!(first.len(), 4, "{first:?}");
+    // Mapped by both columns now: the earlier triggers are replaced, not kept beside.
+    cfg.collections[0].key = vec!["order_id".into(), "code".into()];
     let bridge = TestBridge::start(cfg).await;
+    let second = triggers();
+    assert_eq!(second.len(), 4, "{second:?}");
+    assert!(
+        second.iter().all(|t| !first.contains(t)),
+        "{first:?} {second:?}"
+    );
     sqlite.raw(&["INSERT INTO lines (order_id, code, qty) VALUES (1, 'a:b', 2)"]);
     eventually("the line to reach Redis", || {
         redis.get(&c, "1:a~3Ab").is_some()
@@ -834,5 +853,44 @@ async fn composite_keys_in_sqlite_sync_with_redis() {
         cell(&sqlite, "SELECT COUNT(*) FROM lines").as_deref() == Some("1")
     })
     .await;
+    bridge.stop().await;
+}
+
+/// A MySQL `TIMESTAMP` in a composite key, written by an application whose session is not in
+/// UTC: the id the trigger logs is the UTC instant, the id the bridge reads by, so the row
+/// arrives (and an update of it arrives as an update, not as a delete and another row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_key_written_from_another_time_zone_keeps_its_id() {
+    let (maria, redis) = (
+        TestStore::new(Kind::Mysql).new_database("readings"),
+        TestStore::new(Kind::Redis),
+    );
+    maria.raw(&["CREATE TABLE readings (device INT NOT NULL, at TIMESTAMP(3) NOT NULL, v INT, \
+         changed TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
+         PRIMARY KEY (device, at))"]);
+    let c = common::collection("readings");
+    let dir = data_dir();
+    let mut cfg = config(&maria, &redis, &[&c], Mode::Both, &path(&dir));
+    cfg.collections = vec![CollectionConfig {
+        name: c.clone(),
+        local_table: Some("readings".into()),
+        key: vec!["device".into(), "at".into()],
+        ..Default::default()
+    }];
+    let bridge = TestBridge::start(cfg).await;
+    maria.raw(&["SET time_zone = '+05:00'; \
+         INSERT INTO readings (device, at, v) VALUES (1, '2026-11-25 15:00:00.250', 7)"]);
+    let id = "1:2026-11-25T10~3A00~3A00.250000Z";
+    eventually("the reading in Redis under its UTC id", || {
+        redis.get(&c, id).is_some_and(|d| d["v"] == 7)
+    })
+    .await;
+    maria.raw(&["SET time_zone = '+05:00'; \
+         UPDATE readings SET v = 8 WHERE device = 1 AND at = '2026-11-25 15:00:00.250'"]);
+    eventually("the update under the same id", || {
+        redis.get(&c, id).is_some_and(|d| d["v"] == 8)
+    })
+    .await;
+    assert_eq!(redis.count(&c), 1, "one record, never deleted and re-made");
     bridge.stop().await;
 }

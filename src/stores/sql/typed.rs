@@ -162,14 +162,19 @@ async fn catalog(pool: &AnyPool, d: Dialect, table: &str) -> Result<Vec<CatalogC
                 .bind(table.to_string())
                 .fetch_all(pool)
                 .await?;
+            let pk_columns = rows
+                .iter()
+                .filter(|r| r.try_get::<i64, _>(2).is_ok_and(|pk| pk > 0))
+                .count();
             for r in rows {
                 let sql_type: String = r.try_get(1)?;
                 let pk: i64 = r.try_get(2)?;
                 cols.push(CatalogColumn {
                     name: r.try_get(0)?,
                     data_type: sql_type.clone(),
-                    // An INTEGER PRIMARY KEY is the rowid: SQLite allocates it.
-                    auto: pk == 1 && sql_type.eq_ignore_ascii_case("integer"),
+                    // A one-column INTEGER PRIMARY KEY is the rowid: SQLite allocates it (a
+                    // column of a composite key is not).
+                    auto: pk == 1 && pk_columns == 1 && sql_type.eq_ignore_ascii_case("integer"),
                     on_update: false,
                     primary: pk > 0,
                     sql_type,
@@ -305,16 +310,16 @@ async fn key_range(pool: &AnyPool, d: Dialect, t: &TypedTable) -> Result<Option<
             .fetch_one(pool)
             .await?;
             let (step, offset): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-            // MySQL ignores an offset greater than the increment and starts at 1.
-            Some(KeyRange {
-                step,
-                offset: if offset > step { 1 } else { offset },
-            })
+            // MySQL ignores an offset greater than the increment (which values it then uses is
+            // not worth guessing): unknown, so a two-way config must say who allocates.
+            (offset <= step).then_some(KeyRange { step, offset })
         }
         Dialect::Postgres => sqlx::query(
-            "SELECT s.increment_by, s.start_value FROM pg_sequences s \
+            // The next keys follow the last one handed out (setval moves it), and a cycling
+            // sequence wraps to a value off its progression: unknown.
+            "SELECT s.increment_by, coalesce(s.last_value, s.start_value) FROM pg_sequences s \
              WHERE (s.schemaname || '.' || s.sequencename)::regclass = \
-               pg_get_serial_sequence($1, $2)::regclass",
+               pg_get_serial_sequence($1, $2)::regclass AND NOT s.cycle",
         )
         .bind(q(&t.table))
         .bind(t.key[0].name.clone())
@@ -472,12 +477,14 @@ pub(super) async fn prepare(
         updated_at: upd_col,
         columns,
     };
-    for sql in capture_ddl(d, &table) {
+    let (ddl, triggers) = capture_ddl(d, &table);
+    for sql in ddl {
         sqlx::query(AssertSqlSafe(sql.clone()))
             .execute(pool)
             .await
             .with_context(|| format!("installing change capture on {}: {sql}", spec.table))?;
     }
+    drop_stale_triggers(pool, d, &table, &triggers).await?;
     if d == Dialect::Mysql {
         ensure_mysql_index(pool, &table).await?;
     }
@@ -528,9 +535,78 @@ async fn ensure_mysql_index(pool: &AnyPool, t: &TypedTable) -> Result<()> {
     Ok(())
 }
 
+/// Drops the bridge's triggers on this table other than `current` (SQLite, MySQL): those of an
+/// earlier mapping (another key, another `updated_at`), which would log ids the reads no
+/// longer build. They go after the current ones exist, so no write is ever uncaptured (in
+/// between a change is logged twice, which the conditional applies make harmless).
+async fn drop_stale_triggers(
+    pool: &AnyPool,
+    d: Dialect,
+    t: &TypedTable,
+    current: &[String],
+) -> Result<()> {
+    let sql = match d {
+        Dialect::Postgres => return Ok(()), // CREATE OR REPLACE replaces them in place
+        Dialect::Sqlite => "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
+        Dialect::Mysql => {
+            "SELECT CAST(TRIGGER_NAME AS CHAR) FROM information_schema.TRIGGERS \
+             WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = ?"
+        }
+    };
+    let names: Vec<String> = sqlx::query(sql)
+        .bind(t.table.clone())
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+    for name in names {
+        if name.starts_with("_syncbridge_") && !current.contains(&name) {
+            sqlx::query(AssertSqlSafe(format!(
+                "DROP TRIGGER IF EXISTS {}",
+                q(&name)
+            )))
+            .execute(pool)
+            .await
+            .with_context(|| format!("dropping the stale trigger {name} on {}", t.table))?;
+            info!(table = %t.table, trigger = %name, "dropped a change-capture trigger of an earlier mapping");
+        }
+    }
+    Ok(())
+}
+
 /// The index by time (so sweeps cost what changed) and the triggers that fill the change log
-/// and stamp UPDATEs that leave the time alone.
-fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
+/// and stamp UPDATEs that leave the time alone; with the triggers' names (SQLite, MySQL).
+///
+/// SQLite and MySQL cannot replace a trigger in place, so each name ends in a digest of the
+/// statements: a changed mapping makes new names, and [`drop_stale_triggers`] removes the
+/// old ones.
+fn capture_ddl(d: Dialect, t: &TypedTable) -> (Vec<String>, Vec<String>) {
+    let ddl = capture_statements(d, t);
+    if d == Dialect::Postgres {
+        return (ddl, Vec::new());
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(ddl.join(";").as_bytes());
+    let tag = hex::encode(&digest[..4]);
+    let mut names = Vec::new();
+    let ddl = ddl
+        .into_iter()
+        .map(|sql| {
+            if let Some(start) = sql.find(TRIGGER_TAG) {
+                let begin = sql[..start].rfind('"').expect("a quoted trigger name") + 1;
+                names.push(format!("{}{tag}", &sql[begin..start]));
+            }
+            sql.replace(TRIGGER_TAG, &tag)
+        })
+        .collect();
+    (ddl, names)
+}
+
+/// Stands for the statements' digest in trigger names until [`capture_ddl`] knows it.
+const TRIGGER_TAG: &str = "@tag@";
+
+fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
     let (c, table, keys, upd) = (
         &t.collection,
         q(&t.table),
@@ -548,6 +624,17 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
         key_id_sql(d, &parts)
     };
     let (new_id, old_id) = (id_of("NEW."), id_of("OLD."));
+    // A row with a NULL key part has no id (SQLite allows NULL in a composite primary key, and
+    // a configured unique key may be nullable): it is not synced, and must not make the
+    // application's own write fail on the change log's NOT NULL id.
+    let log = |id: &str, when: Option<&str>| {
+        let has_id = format!("{id} IS NOT NULL");
+        let when = match when {
+            Some(w) => format!("({w}) AND {has_id}"),
+            None => has_id,
+        };
+        log(id, Some(&when))
+    };
     // `WHERE` for the row NEW names.
     let this_row = t
         .key
@@ -566,20 +653,20 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
             vec![
                 format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {keys})"),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins_{TRIGGER_TAG}\" AFTER INSERT ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
                        WHERE {this_row} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
                      {}; END",
                     log(&new_id, None)
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark_{TRIGGER_TAG}\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
                      INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{c}', {new_id}); END"
                 ),
                 // As for the bridge's own tables: an UPDATE that does not assign the time gets
                 // the current one, or last-writer-wins could take the edit for a stale copy.
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd_{TRIGGER_TAG}\" AFTER UPDATE ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
                        WHERE {this_row} AND NEW.{upd} IS OLD.{upd} \
                        AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}); \
@@ -589,7 +676,7 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                     log(&old_id, Some(&format!("({key_changed})")))
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del_{TRIGGER_TAG}\" AFTER DELETE ON {table} BEGIN \
                      {}; END",
                     log(&old_id, None)
                 ),
@@ -665,18 +752,18 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> Vec<String> {
                 .join(" AND ");
             vec![
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins\" AFTER INSERT ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins_{TRIGGER_TAG}\" AFTER INSERT ON {table} \
                      FOR EACH ROW {}",
                     log(&new_id, None)
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd\" AFTER UPDATE ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd_{TRIGGER_TAG}\" AFTER UPDATE ON {table} \
                      FOR EACH ROW BEGIN {}; {}; END",
                     log(&new_id, None),
                     log(&old_id, Some(&format!("NOT ({same_key})")))
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del\" AFTER DELETE ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del_{TRIGGER_TAG}\" AFTER DELETE ON {table} \
                      FOR EACH ROW {}",
                     log(&old_id, None)
                 ),
@@ -764,7 +851,13 @@ fn read_expr_on(d: Dialect, c: &Column, row: &str) -> String {
         }
         (Dialect::Postgres, _) => format!("{n}::text"),
         (Dialect::Mysql, Kind::Blob) => format!("HEX({n})"),
-        // Sessions run in UTC, so a TIMESTAMP reads back as UTC.
+        // A trigger runs in the application's session time zone: from the instant itself
+        // (seconds since the epoch, exact to the microsecond), not from its local reading.
+        (Dialect::Mysql, Kind::Timestamp) if !row.is_empty() => format!(
+            "DATE_FORMAT(DATE_ADD('1970-01-01 00:00:00', INTERVAL ROUND(UNIX_TIMESTAMP({n}) * 1000000) MICROSECOND), \
+             '%Y-%m-%dT%H:%i:%s.%fZ')"
+        ),
+        // The bridge's sessions run in UTC, so a TIMESTAMP reads back as UTC.
         (Dialect::Mysql, Kind::Timestamp) => format!("DATE_FORMAT({n}, '%Y-%m-%dT%H:%i:%s.%fZ')"),
         (Dialect::Mysql, Kind::DateTime) => format!("DATE_FORMAT({n}, '%Y-%m-%dT%H:%i:%s.%f')"),
         (Dialect::Mysql, _) => format!("CAST({n} AS CHAR)"),
@@ -999,11 +1092,15 @@ impl TypedTable {
                 self.key.len()
             )
         })?;
+        // Each part is the database's text for the value (as `read_expr` gives it: hex for
+        // binary, `t`/`1` for booleans): through its JSON form back to the text this dialect
+        // casts into the column, which also refuses a part the column cannot hold.
         self.key
             .iter()
             .zip(parts)
             .map(|(k, part)| {
-                from_json(d, k, &Value::String(part))?.ok_or_else(|| "an empty key".to_string())
+                let value = to_json(k.kind, &part).map_err(|e| format!("key {}: {e}", k.name))?;
+                from_json(d, k, &value)?.ok_or_else(|| "an empty key".to_string())
             })
             .collect()
     }
@@ -1142,7 +1239,12 @@ impl TypedTable {
     ) -> Result<crate::stores::ScanPage> {
         let (upd, keys) = (q(&self.updated_at.name), self.key_list());
         let mut p = Params::new(d);
-        let mut conds = Vec::new();
+        // Rows with a NULL key part have no id: not synced (see `capture_ddl`).
+        let mut conds: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{} IS NOT NULL", q(&k.name)))
+            .collect();
         if let Some(s) = since_ms {
             conds.push(format!("{upd} >= {}", p.ts(&self.updated_at, format_ts(s))));
         }
@@ -1420,6 +1522,35 @@ mod tests {
             sql_type: "t".into(),
             cast_type: "t".into(),
         }
+    }
+
+    #[test]
+    fn key_parts_are_database_texts() {
+        let t = TypedTable {
+            collection: "c".into(),
+            table: "t".into(),
+            key: vec![col(Kind::Blob), col(Kind::Bool), col(Kind::Int)],
+            updated_at: col(Kind::Timestamp),
+            columns: Vec::new(),
+        };
+        // As the reads give them: hex, the dialect's boolean text, digits.
+        assert_eq!(
+            t.key_texts(Dialect::Postgres, "00ff10:t:12"),
+            Ok(vec!["00ff10".to_string(), "true".into(), "12".into()])
+        );
+        assert_eq!(
+            t.key_texts(Dialect::Mysql, "00ff10:1:12"),
+            Ok(vec!["00ff10".to_string(), "1".into(), "12".into()])
+        );
+        assert!(t.key_texts(Dialect::Sqlite, "zz:1:12").is_err(), "not hex");
+        assert!(
+            t.key_texts(Dialect::Sqlite, "00:1:x").is_err(),
+            "not an integer"
+        );
+        assert!(
+            t.key_texts(Dialect::Sqlite, "00:1").is_err(),
+            "two parts of three"
+        );
     }
 
     #[test]
