@@ -94,6 +94,18 @@ impl Bridge {
         resp.json().await.unwrap()
     }
 
+    /// A GET of the API as JSON.
+    async fn get_json(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("API answers");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        resp.json().await.unwrap()
+    }
+
     /// Pulls from `checkpoint` until nothing more comes; returns every document delivered (in
     /// order) and the last checkpoint.
     async fn drain(&self, mut checkpoint: String, limit: usize) -> (Vec<Value>, String) {
@@ -316,49 +328,28 @@ async fn pushes_are_idempotent_and_conflicts_come_back_with_the_server_version()
     assert_eq!(body["error"], json!("bad_checkpoint"));
     let (code, _) = b.pull("", 0).await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    // Status shows the client.
-    let clients: Value = b
-        .http
-        .get(format!("{}/api/replicate/clients", b.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let me = clients
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["client_id"] == json!("rust-test"))
-        .expect("client listed");
-    assert!(
-        me["last_pull"].is_string() && me["last_push"].is_string(),
-        "{me}"
-    );
+    // The client list shows the client, and so does the bridge's status, each with its last
+    // pull and push.
+    let this_client = |list: &Value| -> Value {
+        let me = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["client_id"] == json!("rust-test"))
+            .unwrap_or_else(|| panic!("client listed: {list}"))
+            .clone();
+        assert!(
+            me["last_pull"].is_string() && me["last_push"].is_string(),
+            "{me}"
+        );
+        me
+    };
+    let me = this_client(&b.get_json("/api/replicate/clients").await);
     assert!(me["pushes"].as_i64().unwrap() >= 6);
-    // ... and so does the bridge's status, with its last pull and push.
-    let status: Value = b
-        .http
-        .get(format!("{}/api/sync/status", b.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = b.get_json("/api/sync/status").await;
     let seen = &status["replication_clients"];
     assert!(seen["total"].as_i64().unwrap() >= 1, "{seen}");
-    let me = seen["recent"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["client_id"] == json!("rust-test"))
-        .unwrap_or_else(|| panic!("client in status: {seen}"));
-    assert!(
-        me["last_pull"].is_string() && me["last_push"].is_string(),
-        "{me}"
-    );
+    this_client(&seen["recent"]);
     b.stop().await;
 }
 
