@@ -606,6 +606,19 @@ fn capture_ddl(d: Dialect, t: &TypedTable) -> (Vec<String>, Vec<String>) {
 /// Stands for the statements' digest in trigger names until [`capture_ddl`] knows it.
 const TRIGGER_TAG: &str = "@tag@";
 
+/// A trigger's name, quoted: `_syncbridge_<collection>_<kind>_<digest>`, without the
+/// collection where that would pass MySQL's 64 characters (the digest, over statements that
+/// name the collection, tells them apart).
+fn trigger_name(collection: &str, kind: &str) -> String {
+    let digest_len = 8;
+    let full = format!("_syncbridge_{collection}_{kind}_");
+    if full.len() + digest_len <= 64 {
+        format!("\"{full}{TRIGGER_TAG}\"")
+    } else {
+        format!("\"_syncbridge_{kind}_{TRIGGER_TAG}\"")
+    }
+}
+
 fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
     let (c, table, keys, upd) = (
         &t.collection,
@@ -624,6 +637,8 @@ fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
         key_id_sql(d, &parts)
     };
     let (new_id, old_id) = (id_of("NEW."), id_of("OLD."));
+    let [ins_name, mark_name, upd_name, del_name] =
+        ["ins", "mark", "upd", "del"].map(|kind| trigger_name(c, kind));
     // A row with a NULL key part has no id (SQLite allows NULL in a composite primary key, and
     // a configured unique key may be nullable): it is not synced, and must not make the
     // application's own write fail on the change log's NOT NULL id.
@@ -636,37 +651,27 @@ fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
         log(id, Some(&when))
     };
     // `WHERE` for the row NEW names.
-    let this_row = t
-        .key
-        .iter()
-        .map(|k| format!("{0} = NEW.{0}", q(&k.name)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let this_row = t.each_key(" AND ", |k| format!("{k} = NEW.{k}"));
     match d {
         Dialect::Sqlite => {
-            let key_changed = t
-                .key
-                .iter()
-                .map(|k| format!("OLD.{0} IS NOT NEW.{0}", q(&k.name)))
-                .collect::<Vec<_>>()
-                .join(" OR ");
+            let key_changed = t.each_key(" OR ", |k| format!("OLD.{k} IS NOT NEW.{k}"));
             vec![
                 format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {keys})"),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins_{TRIGGER_TAG}\" AFTER INSERT ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS {ins_name} AFTER INSERT ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
                        WHERE {this_row} AND NEW.{upd} = '{SQLITE_UNSTAMPED}'; \
                      {}; END",
                     log(&new_id, None)
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_mark_{TRIGGER_TAG}\" BEFORE UPDATE OF {upd} ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS {mark_name} BEFORE UPDATE OF {upd} ON {table} BEGIN \
                      INSERT OR REPLACE INTO {TS_MARKS}(collection, id) VALUES ('{c}', {new_id}); END"
                 ),
                 // As for the bridge's own tables: an UPDATE that does not assign the time gets
                 // the current one, or last-writer-wins could take the edit for a stale copy.
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd_{TRIGGER_TAG}\" AFTER UPDATE ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS {upd_name} AFTER UPDATE ON {table} BEGIN \
                      UPDATE {table} SET {upd} = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
                        WHERE {this_row} AND NEW.{upd} IS OLD.{upd} \
                        AND NOT EXISTS (SELECT 1 FROM {TS_MARKS} WHERE collection = '{c}' AND id = {new_id}); \
@@ -676,7 +681,7 @@ fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
                     log(&old_id, Some(&format!("({key_changed})")))
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del_{TRIGGER_TAG}\" AFTER DELETE ON {table} BEGIN \
+                    "CREATE TRIGGER IF NOT EXISTS {del_name} AFTER DELETE ON {table} BEGIN \
                      {}; END",
                     log(&old_id, None)
                 ),
@@ -686,12 +691,7 @@ fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
             let cap = q(&format!("_syncbridge_capture_{c}"));
             let mark = q(&format!("_syncbridge_mark_{c}"));
             let stamp = q(&format!("_syncbridge_stamp_{c}"));
-            let key_changed = t
-                .key
-                .iter()
-                .map(|k| format!("OLD.{0} IS DISTINCT FROM NEW.{0}", q(&k.name)))
-                .collect::<Vec<_>>()
-                .join(" OR ");
+            let key_changed = t.each_key(" OR ", |k| format!("OLD.{k} IS DISTINCT FROM NEW.{k}"));
             vec![
                 format!("CREATE INDEX IF NOT EXISTS {idx} ON {table} ({upd}, {keys})"),
                 format!(
@@ -744,26 +744,21 @@ fn capture_statements(d: Dialect, t: &TypedTable) -> Vec<String> {
         }
         // Stamping is the column's own ON UPDATE CURRENT_TIMESTAMP.
         Dialect::Mysql => {
-            let same_key = t
-                .key
-                .iter()
-                .map(|k| format!("OLD.{0} <=> NEW.{0}", q(&k.name)))
-                .collect::<Vec<_>>()
-                .join(" AND ");
+            let same_key = t.each_key(" AND ", |k| format!("OLD.{k} <=> NEW.{k}"));
             vec![
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_ins_{TRIGGER_TAG}\" AFTER INSERT ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS {ins_name} AFTER INSERT ON {table} \
                      FOR EACH ROW {}",
                     log(&new_id, None)
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_upd_{TRIGGER_TAG}\" AFTER UPDATE ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS {upd_name} AFTER UPDATE ON {table} \
                      FOR EACH ROW BEGIN {}; {}; END",
                     log(&new_id, None),
                     log(&old_id, Some(&format!("NOT ({same_key})")))
                 ),
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS \"_syncbridge_{c}_del_{TRIGGER_TAG}\" AFTER DELETE ON {table} \
+                    "CREATE TRIGGER IF NOT EXISTS {del_name} AFTER DELETE ON {table} \
                      FOR EACH ROW {}",
                     log(&old_id, None)
                 ),
@@ -1066,11 +1061,16 @@ fn classify(e: &sqlx::Error) -> Option<ApplyOutcome> {
 impl TypedTable {
     /// The key columns, quoted, comma-separated (for `ORDER BY`, indexes, row values).
     fn key_list(&self) -> String {
+        self.each_key(", ", str::to_string)
+    }
+
+    /// `each(quoted column name)` for every key column, joined with `sep`.
+    fn each_key(&self, sep: &str, each: impl Fn(&str) -> String) -> String {
         self.key
             .iter()
-            .map(|k| q(&k.name))
+            .map(|k| each(&q(&k.name)))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(sep)
     }
 
     /// The key columns' texts, then the time, then the synced columns.
