@@ -598,7 +598,8 @@ impl Client {
                     // was registered has no log row for it.
                     if checked.elapsed() >= Duration::from_millis(250) {
                         checked = Instant::now();
-                        self.mark_seen(&collection, &pending, &seen, checked).await?;
+                        self.mark_seen(&collection, &pending, &seen, checked)
+                            .await?;
                     }
                     let rows = sqlx::query(AssertSqlSafe(sql.clone()))
                         .bind(&collection)
