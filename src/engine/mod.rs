@@ -468,6 +468,11 @@ impl Engine {
         first: bool,
     ) -> Result<RoundOutcome> {
         let rules = self.config.rules(collection);
+        // The round's clock is read before the stores are: it stamps deletes nobody knows the
+        // time of (a key found missing in Redis), and such a delete was seen no later than the
+        // read. Taken after the reads, it could sort after an edit that landed just behind
+        // them, and the edit would be put back as stale.
+        let now = now_ms();
         let (agreed, local, cloud) = tokio::try_join!(
             self.state.agreed(collection, ids),
             self.local.read(collection, ids),
@@ -504,7 +509,6 @@ impl Engine {
             ConflictPolicy::Manual => self.conflicts.parked_among(collection, ids).await?,
             _ => HashMap::new(),
         };
-        let now = now_ms();
         let max_future = now + (self.config.sync.max_future_secs as i64) * 1000;
         let mut out = RoundOutcome::default();
         let mut plans: Vec<(usize, Decision, [Option<Value>; 2])> = Vec::new();
