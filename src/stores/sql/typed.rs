@@ -1115,14 +1115,18 @@ impl TypedTable {
             .join(" AND ")
     }
 
-    /// The key texts of one record as a SQL row value `(v1, v2)` (one column: `v1`).
-    fn key_row(&self, p: &mut Params, texts: &[String]) -> String {
-        let values: Vec<String> = self
-            .key
+    /// The key texts of one record as placeholders cast to their columns, in key order.
+    fn key_values(&self, p: &mut Params, texts: &[String]) -> Vec<String> {
+        self.key
             .iter()
             .zip(texts)
             .map(|(k, t)| p.value(k, Some(t.clone())))
-            .collect();
+            .collect()
+    }
+
+    /// The key texts of one record as a SQL row value `(v1, v2)` (one column: `v1`).
+    fn key_row(&self, p: &mut Params, texts: &[String]) -> String {
+        let values = self.key_values(p, texts);
         if values.len() == 1 {
             values.into_iter().next().expect("one")
         } else {
@@ -1266,12 +1270,7 @@ impl TypedTable {
                 ));
             } else {
                 // One index range (see the bridge's own tables' scan).
-                let values: Vec<String> = self
-                    .key
-                    .iter()
-                    .zip(&texts)
-                    .map(|(k, t)| p.value(k, Some(t.clone())))
-                    .collect();
+                let values = self.key_values(&mut p, &texts);
                 conds.push(format!("({upd}, {keys}) > ({t1}, {})", values.join(", ")));
             }
         }
@@ -1388,10 +1387,8 @@ impl TypedTable {
                     None => {
                         let mut names = Vec::new();
                         let mut exprs = Vec::new();
-                        for (k, v) in self.key.iter().zip(&key) {
-                            names.push(q(&k.name));
-                            exprs.push(p.value(k, Some(v.clone())));
-                        }
+                        names.extend(self.key.iter().map(|k| q(&k.name)));
+                        exprs.extend(self.key_values(&mut p, &key));
                         for (c, v) in self.columns.iter().zip(values) {
                             names.push(q(&c.name));
                             exprs.push(p.value(c, v));
