@@ -473,8 +473,9 @@ impl Engine {
         // read. Taken after the reads, it could sort after an edit that landed just behind
         // them, and the edit would be put back as stale.
         let now = now_ms();
-        let (agreed, local, cloud) = tokio::try_join!(
+        let (agreed, pending, local, cloud) = tokio::try_join!(
             self.state.agreed(collection, ids),
+            self.state.pending(collection, ids),
             self.local.read(collection, ids),
             self.cloud.read(collection, ids),
         )?;
@@ -577,15 +578,21 @@ impl Engine {
                     continue 'ids;
                 }
             }
-            let decision = decide(
+            let (base, from_pending) =
+                policy::base_version(agreed.get(id), pending.get(id), &states[0], &states[1]);
+            let mut decision = decide(
                 mode,
                 rules,
-                agreed.get(id),
+                base,
                 bases.get(id),
                 &states[0],
                 &states[1],
                 now,
             );
+            if from_pending && decision.agree.is_none() && decision.reason == Reason::InSync {
+                // Both stores hold what the interrupted write was putting in place: it is agreed.
+                decision.agree = base.cloned();
+            }
             if let Some(Target::Live { doc, .. }) = &decision.target {
                 let size = crate::record::canonical_json(doc).len();
                 if size > self.config.sync.max_doc_bytes {
@@ -624,6 +631,21 @@ impl Engine {
             }
             plans.push((i, decision, docs));
         }
+
+        // What the writes put in place is written down first, so a bridge killed before
+        // `set_agreed` below still knows its own writes when it starts again.
+        let intents: Vec<(String, state::Pending)> = plans
+            .iter()
+            .filter(|(_, d, _)| !d.write_to.is_empty())
+            .filter_map(|(i, d, _)| {
+                let pending = state::Pending {
+                    version: d.target.as_ref()?.version().clone(),
+                    targets: d.write_to.clone(),
+                };
+                Some((ids[*i].clone(), pending))
+            })
+            .collect();
+        self.state.set_pending(collection, &intents).await?;
 
         // Both sides are written concurrently; each is one batch.
         let apply = |side: Side| {
@@ -693,6 +715,8 @@ impl Engine {
             .retain(|id| !out.failed.iter().any(|(f, _, _)| f == id));
         out.failed.sort_by(|a, b| a.0.cmp(&b.0));
         out.failed.dedup_by(|a, b| a.0 == b.0);
+
+        crash_point(collection, &writes);
 
         let mut agreed_now: Vec<(String, Version)> = Vec::new();
         let mut agreed_docs: Vec<(String, Option<String>)> = Vec::new();
@@ -778,6 +802,27 @@ impl Engine {
         self.state.set_agreed(collection, &agreed_now).await?;
         self.state.set_agreed_docs(collection, &agreed_docs).await?;
         Ok(out)
+    }
+}
+
+/// Fault injection for the crash tests (`tests/crashes.rs`): with
+/// `SYNCBRIDGE_CRASH_AFTER_APPLY=<collection>/<id>` in its environment, the process aborts as soon
+/// as a round has written that record to a store and before it records the agreed version: the
+/// window where a crash is most dangerous. Unset (always, outside those tests) it costs one
+/// cached look-up.
+fn crash_point(collection: &str, writes: &[Vec<(usize, Write)>; 2]) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(target) = TARGET.get_or_init(|| std::env::var("SYNCBRIDGE_CRASH_AFTER_APPLY").ok())
+    else {
+        return;
+    };
+    let hit = writes
+        .iter()
+        .flatten()
+        .any(|(_, w)| format!("{collection}/{}", w.record.id) == *target);
+    if hit {
+        error!(%target, "SYNCBRIDGE_CRASH_AFTER_APPLY: aborting between the apply and the agreement");
+        std::process::abort();
     }
 }
 

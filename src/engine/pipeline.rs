@@ -149,6 +149,8 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     // Paused (or draining what was held): the keys are held in arrival order, not applied.
     let holding = engine.holding();
     let mut arrival: Vec<(String, String)> = Vec::new();
+    let delete_times =
+        [Side::Local, Side::Cloud].map(|side| engine.store(side).capabilities().delete_times);
     for batch in batches {
         let side = batch.side;
         engine.stats.event_seen(side, batch.records.len() as u64);
@@ -177,7 +179,7 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
                 Op::Upsert => (false, rank, r.collection),
             };
             let entry = by_collection.entry(key).or_default();
-            if r.op == Op::Delete {
+            if r.op == Op::Delete && delete_times[super::side_idx(side)] {
                 entry.1.insert((side, r.id.clone()), r.updated_at_ms);
             }
             entry.0.push(r.id);

@@ -11,6 +11,7 @@
 //!   the same winner whichever change it saw first. A delete with a known time competes by that
 //!   time; a delete whose time nobody knows loses to a live edit.
 
+use super::state::Pending;
 use crate::record::{Side, Version, with_updated_at};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -171,6 +172,16 @@ impl SideState {
         }
     }
 
+    /// Whether this state is exactly `v` (a delete holds any tombstone).
+    fn holds(&self, v: &Version) -> bool {
+        match self {
+            SideState::Present {
+                version, stamped, ..
+            } => !stamped && !v.deleted && version.hash == v.hash,
+            SideState::Absent { .. } => v.deleted,
+        }
+    }
+
     fn same_content(&self, other: &SideState) -> bool {
         match (self, other) {
             (SideState::Absent { .. }, SideState::Absent { .. }) => true,
@@ -278,13 +289,17 @@ pub fn decide(
             // Both gone: remember the delete only if the record had been synced live.
             SideState::Absent { .. } => match agreed {
                 Some(a) if !a.deleted => {
+                    // Known times count as they are; with none, the earliest time after the
+                    // version it replaced (see `unknown_delete_time`).
                     let at = [local.version(), cloud.version()]
                         .into_iter()
                         .flatten()
                         .map(|v| v.updated_at_ms)
                         .max()
-                        .unwrap_or(now);
-                    Some(Version::tombstone(at.max(a.updated_at_ms)))
+                        .unwrap_or(i64::MIN);
+                    Some(Version::tombstone(
+                        at.max(unknown_delete_time(a.updated_at_ms, now)),
+                    ))
                 }
                 _ => None,
             },
@@ -337,7 +352,10 @@ pub fn decide(
                 .version()
                 .map(|v| v.updated_at_ms)
                 .unwrap_or(i64::MIN);
-            let at = deleted_at.unwrap_or(now).max(floor).max(loser_time);
+            let at = match *deleted_at {
+                Some(t) => t.max(floor).max(loser_time),
+                None => unknown_delete_time(floor.max(loser_time), now),
+            };
             Target::Deleted(Version::tombstone(at))
         }
     };
@@ -363,6 +381,51 @@ pub fn decide(
         agree: Some(target.version().clone()),
         target: Some(target),
         write_to,
+    }
+}
+
+/// The time given to a delete nobody knows the time of (a Redis `DEL`, a key a sweep finds
+/// missing): the earliest it can have happened, 1 ms after the version it removed.
+///
+/// Not the time the bridge saw it. That is only an upper bound, and a write that follows the
+/// delete on the same store can carry an `updatedAt` below it (the writer stamped it before the
+/// bridge looked): the tombstone would then outvote that later write and the bridge would delete
+/// it again, losing it. Taken as early as possible, the delete loses to every edit made after
+/// the version it removed, on either side; that is the rule for deletes of unknown time anyway
+/// (a live edit wins, as in CouchDB). `now` stands in only when nothing was there before.
+pub fn unknown_delete_time(replaced_ms: i64, now: i64) -> i64 {
+    if replaced_ms == i64::MIN {
+        now
+    } else {
+        replaced_ms.saturating_add(1)
+    }
+}
+
+/// The version to decide a record against: the agreed one, or the one an interrupted decision
+/// had finished putting in place (`pending`).
+///
+/// The bridge writes `pending` down, with the stores it is about to write, before it applies a
+/// decision, and replaces it with the agreed version after. Killed in between, the stores hold
+/// the new version while the agreed one is old: against it, the store just written looks like
+/// a fresh edit, and a delete made on the other store meanwhile would lose to it and the record
+/// come back. So when every store the decision wrote holds `pending`, the writes are done and
+/// `pending` is the base. If one of them does not, the writes did not finish (or failed) and the
+/// decision is simply made again from the agreed version, as before it started.
+pub fn base_version<'a>(
+    agreed: Option<&'a Version>,
+    pending: Option<&'a Pending>,
+    local: &SideState,
+    cloud: &SideState,
+) -> (Option<&'a Version>, bool) {
+    let state = |side: Side| if side == Side::Local { local } else { cloud };
+    match pending {
+        Some(p)
+            if !p.targets.is_empty()
+                && p.targets.iter().all(|&side| state(side).holds(&p.version)) =>
+        {
+            (Some(&p.version), true)
+        }
+        _ => (agreed, false),
     }
 }
 
@@ -756,6 +819,60 @@ mod tests {
                 tie_break: false
             }
         );
+    }
+
+    #[test]
+    fn a_delete_of_unknown_time_loses_to_a_write_that_followed_it() {
+        // Synced at 10; the cloud's writer deletes, then writes again at 12 while the bridge
+        // had seen only the delete (at NOW, far later). The tombstone is dated 11, not NOW.
+        let base = version(&live("base", 10));
+        let d = decide_lww(Mode::Both, Some(&base), &live("base", 10), &gone(None), NOW);
+        let tomb = d.agree.unwrap();
+        assert_eq!(tomb, Version::tombstone(11));
+        let again = live("again", 12);
+        let d = decide_lww(Mode::Both, Some(&tomb), &gone(None), &again, NOW);
+        assert_eq!(d.reason, Reason::Changed(Side::Cloud));
+        assert_eq!(d.write_to, vec![Side::Local]);
+        // Both gone, neither time known: also just after what was removed.
+        let d = decide_lww(Mode::Both, Some(&base), &gone(None), &gone(None), NOW);
+        assert_eq!(d.agree, Some(Version::tombstone(11)));
+        // A known time is kept as it is.
+        let d = decide_lww(Mode::Both, Some(&base), &gone(Some(500)), &gone(None), NOW);
+        assert_eq!(d.agree, Some(Version::tombstone(500)));
+    }
+
+    #[test]
+    fn a_write_in_flight_when_the_bridge_died_is_not_taken_for_an_edit() {
+        // Agreed at 10; the bridge decided to copy the cloud's 20 to local, wrote `pending`,
+        // applied it to local and was killed before recording it. Meanwhile the cloud's writer
+        // deleted the record. Against the stale agreed version, local's 20 would look like an
+        // edit and beat the delete of unknown time; against `pending` it is unchanged.
+        let agreed = version(&live("old", 10));
+        let copied = live("new", 20);
+        let pending = Pending {
+            version: version(&copied),
+            targets: vec![Side::Local],
+        };
+        let (base, from_pending) =
+            base_version(Some(&agreed), Some(&pending), &copied, &gone(None));
+        assert!(from_pending);
+        let d = decide_lww(Mode::Both, base, &copied, &gone(None), NOW);
+        assert_eq!(d.reason, Reason::Changed(Side::Cloud));
+        assert_eq!(d.write_to, vec![Side::Local]);
+        assert_eq!(d.agree, Some(Version::tombstone(21)));
+        // Killed before the apply: local still holds the old version. The decision is made
+        // again from the agreed version, and copies the cloud's again.
+        let old = live("old", 10);
+        let (base, from_pending) = base_version(Some(&agreed), Some(&pending), &old, &copied);
+        assert_eq!((base, from_pending), (Some(&agreed), false));
+        let d = decide_lww(Mode::Both, base, &old, &copied, NOW);
+        assert_eq!(d.reason, Reason::Changed(Side::Cloud));
+        assert_eq!(d.write_to, vec![Side::Local]);
+        // A first copy the target refused (nothing there): not a delete; the copy is retried.
+        let (base, _) = base_version(None, Some(&pending), &gone(None), &copied);
+        let d = decide_lww(Mode::Both, base, &gone(None), &copied, NOW);
+        assert_eq!(d.reason, Reason::Changed(Side::Cloud));
+        assert_eq!(d.write_to, vec![Side::Local]);
     }
 
     #[test]

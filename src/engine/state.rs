@@ -24,6 +24,22 @@ pub(crate) fn push_in(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
     qb.push(")");
 }
 
+/// A decision being applied: the version it puts in place, and the stores it writes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// The version the writes put in place.
+    pub version: Version,
+    /// The stores written (the others already held it).
+    pub targets: Vec<Side>,
+}
+
+fn side_bit(side: Side) -> i64 {
+    match side {
+        Side::Local => 1,
+        Side::Cloud => 2,
+    }
+}
+
 /// Handle to `state.db`.
 #[derive(Clone)]
 pub struct StateDb {
@@ -61,6 +77,9 @@ impl StateDb {
              updated_at_ms INTEGER NOT NULL, hash TEXT NOT NULL, deleted INTEGER NOT NULL, \
              synced_at_ms INTEGER NOT NULL, PRIMARY KEY (collection, id))",
             "CREATE INDEX IF NOT EXISTS agreed_tombstones ON agreed (deleted, synced_at_ms)",
+            "CREATE TABLE IF NOT EXISTS pending (collection TEXT NOT NULL, id TEXT NOT NULL, \
+             updated_at_ms INTEGER NOT NULL, hash TEXT NOT NULL, deleted INTEGER NOT NULL, \
+             targets INTEGER NOT NULL, PRIMARY KEY (collection, id))",
             "CREATE TABLE IF NOT EXISTS checkpoints (side TEXT PRIMARY KEY, position TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS sweeps (collection TEXT PRIMARY KEY, \
              last_started_ms INTEGER, last_full_ms INTEGER)",
@@ -113,13 +132,90 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Records versions as agreed, in one transaction.
+    /// The versions writes in flight were putting in place (see [`StateDb::set_pending`]).
+    pub async fn pending(
+        &self,
+        collection: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, Pending>> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT id, updated_at_ms, hash, deleted, targets FROM pending WHERE collection = ",
+            );
+            qb.push_bind(collection).push(" AND id");
+            push_in(&mut qb, chunk);
+            for row in qb.build().fetch_all(&self.pool).await? {
+                let mask: i64 = row.get(4);
+                out.insert(
+                    row.get::<String, _>(0),
+                    Pending {
+                        version: Version {
+                            updated_at_ms: row.get(1),
+                            hash: row.get(2),
+                            deleted: row.get::<i64, _>(3) != 0,
+                        },
+                        targets: [Side::Local, Side::Cloud]
+                            .into_iter()
+                            .filter(|s| mask & side_bit(*s) != 0)
+                            .collect(),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes down, before the stores are written, the versions a decision is about to put in
+    /// place. A bridge killed between the writes and [`StateDb::set_agreed`] finds them on
+    /// restart and knows a store holding one holds its own write, not an edit
+    /// ([`crate::engine::policy::base_version`]). `set_agreed` clears them.
+    pub async fn set_pending(
+        &self,
+        collection: &str,
+        versions: &[(String, Pending)],
+    ) -> Result<()> {
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in versions.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO pending (collection, id, updated_at_ms, hash, deleted, targets) ",
+            );
+            qb.push_values(chunk, |mut row, (id, p)| {
+                row.push_bind(collection)
+                    .push_bind(id)
+                    .push_bind(p.version.updated_at_ms)
+                    .push_bind(&p.version.hash)
+                    .push_bind(p.version.deleted as i64)
+                    .push_bind(p.targets.iter().map(|s| side_bit(*s)).sum::<i64>());
+            });
+            qb.push(
+                " ON CONFLICT (collection, id) DO UPDATE SET updated_at_ms = excluded.updated_at_ms, \
+                 hash = excluded.hash, deleted = excluded.deleted, targets = excluded.targets",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records versions as agreed, in one transaction, and forgets their pending versions.
     pub async fn set_agreed(&self, collection: &str, versions: &[(String, Version)]) -> Result<()> {
         if versions.is_empty() {
             return Ok(());
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        for chunk in versions.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM pending WHERE collection = ");
+            qb.push_bind(collection).push(" AND id");
+            let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
+            push_in(&mut qb, &ids);
+            qb.build().execute(&mut *tx).await?;
+        }
         // One multi-row statement per 500 records (3,000 bound values, far below SQLite's limit).
         for chunk in versions.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(

@@ -144,6 +144,10 @@ pub struct Capabilities {
     /// Collections can live in the application's own typed tables
     /// ([`Store::prepare_tables`]); `table` settings apply to SQL stores only.
     pub typed_tables: bool,
+    /// The listener's deletes carry when they happened (a trigger's clock, a change event's
+    /// `wallTime`). A Redis `DEL` notification carries no time; the time it was seen is only an
+    /// upper bound, which the engine does not use (see [`crate::engine::policy::unknown_delete_time`]).
+    pub delete_times: bool,
 }
 
 /// A collection kept in an existing typed table (`[[collections]] table = ...`).

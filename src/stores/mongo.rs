@@ -253,6 +253,7 @@ impl Store for MongoStore {
             durable_changes: true,
             time_index: true,
             typed_tables: false,
+            delete_times: true,
         }
     }
 

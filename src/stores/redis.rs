@@ -192,6 +192,7 @@ impl Store for RedisStore {
             durable_changes: false,
             time_index: false,
             typed_tables: false,
+            delete_times: false,
         }
     }
 

@@ -1335,6 +1335,7 @@ impl Store for SqlStore {
             durable_changes: true,
             time_index: true,
             typed_tables: true,
+            delete_times: true,
         }
     }
 
