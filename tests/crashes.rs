@@ -55,7 +55,7 @@ impl Binary {
     }
 
     /// Starts `syncbridge run`, armed to abort after applying `crash_on` if given.
-    fn start(&self, crash_on: Option<&str>) -> Child {
+    fn start(&self, crash_on: Option<&str>) -> Running {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -76,12 +76,12 @@ impl Binary {
                 .count()
         };
         let before = runs(&self.log);
-        let mut child = cmd.spawn().expect("bridge starts");
+        let mut running = Running(cmd.spawn().expect("bridge starts"));
         // Running means the stores are prepared (tables made) and the listeners started.
         let started = Instant::now();
         while runs(&self.log) == before {
             assert!(
-                child.try_wait().unwrap().is_none(),
+                running.0.try_wait().unwrap().is_none(),
                 "bridge exited at start-up; see {}",
                 self.log.display()
             );
@@ -92,16 +92,16 @@ impl Binary {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        child
+        running
     }
 
-    fn stop(&self, mut child: Child) {
+    fn stop(&self, mut running: Running) {
         Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(running.0.id().to_string())
             .status()
             .unwrap();
-        let status = wait(&mut child, "stop on SIGTERM");
+        let status = wait(&mut running.0, "stop on SIGTERM");
         assert!(
             status.success(),
             "bridge failed; see {}",
@@ -110,8 +110,8 @@ impl Binary {
     }
 
     /// Waits for the armed bridge to abort at its crash point.
-    fn expect_crash(&self, mut child: Child) {
-        let status = wait(&mut child, "reach its crash point");
+    fn expect_crash(&self, mut running: Running) {
+        let status = wait(&mut running.0, "reach its crash point");
         assert!(
             !status.success()
                 && std::fs::read_to_string(&self.log)
@@ -120,6 +120,19 @@ impl Binary {
             "the bridge was to abort at its crash point, not {status}; see {}",
             self.log.display()
         );
+    }
+}
+
+/// A running bridge, killed if the test fails before stopping it: a failed test must not leave
+/// bridges behind to load the machine for every test after it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 

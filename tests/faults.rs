@@ -288,6 +288,13 @@ impl Bridge {
     }
 }
 
+/// A test that fails mid-run must not leave its bridge running to load every test after it.
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 fn sigterm(pid: u32) {
     Command::new("kill")
         .arg("-TERM")

@@ -71,7 +71,11 @@ impl BridgeSetup {
         cmd.args(args)
             .arg("--config")
             .arg(&self.config)
-            .env("SYNCBRIDGE_LOG", "warn")
+            // SYNCBRIDGE_BENCH_LOG sets the bridge's log filter, to look inside a slow run.
+            .env(
+                "SYNCBRIDGE_LOG",
+                std::env::var("SYNCBRIDGE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stderr(Stdio::from(log))
             .kill_on_drop(true);

@@ -155,7 +155,12 @@ pub async fn main(args: BenchArgs) -> Result<()> {
     if outcome.is_ok() && args.phases.contains(&Phase::Replication) {
         outcome = bench.run_replication().await;
     }
-    let _ = std::fs::remove_dir_all(&bench.root);
+    // SYNCBRIDGE_BENCH_KEEP=1 keeps the bridges' configs, state and logs for a post-mortem.
+    if std::env::var_os("SYNCBRIDGE_BENCH_KEEP").is_some() {
+        eprintln!("bench files kept in {}", bench.root.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&bench.root);
+    }
     outcome?;
     if !args.json {
         println!("{}", report::table(&bench.lines));

@@ -10,7 +10,7 @@ use super::echo::is_own_write;
 use super::{DeleteHints, Engine};
 use crate::config::Config;
 use crate::record::{Op, Side, Version};
-use crate::stores::{ChangeBatch, ListenContext, PositionLost, is_fatal};
+use crate::stores::{Ack, ChangeBatch, ListenContext, PositionLost, is_fatal};
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -134,6 +134,9 @@ pub struct Changed {
 /// steady stream: a reconcile costs a few round trips whatever its size, so a backlog is
 /// cleared in one pass instead of growing.
 pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
+    let clock = std::time::Instant::now();
+    let batch_count = batches.len();
+    let record_count: usize = batches.iter().map(|b| b.records.len()).sum();
     // What the batches touched, for followers of Engine::changes (only if one listens).
     let mut touched: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let announce = engine.changes.receiver_count() > 0;
@@ -246,6 +249,7 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
             applied &= summary.unfinished == 0;
         }
     }
+    let reconciled_ms = clock.elapsed().as_secs_f64() * 1000.0;
     if let Err(e) = engine.hold(&late).await {
         warn!(error = %format!("{e:#}"), "could not record the held changes; the batch will be replayed");
         applied = false;
@@ -254,7 +258,7 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
     for (collection, ids) in touched {
         let _ = engine.changes.send(Changed { collection, ids });
     }
-    for (side, ack) in acks {
+    for (side, ack) in merge_acks(acks) {
         match engine.store(side).settle(ack, applied).await {
             Ok(Some(position)) => {
                 if let Err(e) = engine.state.set_checkpoint(side, &position).await {
@@ -267,6 +271,32 @@ pub async fn process_batches(engine: &Engine, batches: Vec<ChangeBatch>) {
             }
         }
     }
+    tracing::debug!(
+        batches = batch_count,
+        records = record_count,
+        echoes,
+        reconciled_ms,
+        total_ms = clock.elapsed().as_secs_f64() * 1000.0,
+        "listener batches processed"
+    );
+}
+
+/// One settle per side for all the batches a pass took: change-log rows are removed with one
+/// statement instead of one per batch (a PostgreSQL listener woken by every NOTIFY delivers
+/// many small batches), and of a side's positions only the last needs persisting, since
+/// everything before it is applied too.
+fn merge_acks(acks: Vec<(Side, Ack)>) -> Vec<(Side, Ack)> {
+    let mut merged: Vec<(Side, Ack)> = Vec::new();
+    for (side, ack) in acks {
+        let slot = merged.iter_mut().find(|(s, _)| *s == side);
+        match (slot, ack) {
+            (_, Ack::None) => {}
+            (None, ack) => merged.push((side, ack)),
+            (Some((_, Ack::Seqs(all))), Ack::Seqs(more)) => all.extend(more),
+            (Some((_, last)), ack) => *last = ack,
+        }
+    }
+    merged
 }
 
 /// The deletion times a listener learned for `id`, per side.
@@ -480,5 +510,24 @@ async fn sweeper(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_are_merged_into_one_settle_per_side() {
+        let merged = merge_acks(vec![
+            (Side::Cloud, Ack::Seqs(vec![1, 2])),
+            (Side::Local, Ack::None),
+            (Side::Local, Ack::Token("a".into())),
+            (Side::Cloud, Ack::Seqs(vec![3])),
+            (Side::Local, Ack::Token("b".into())),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert!(matches!(&merged[0], (Side::Cloud, Ack::Seqs(s)) if s == &[1, 2, 3]));
+        assert!(matches!(&merged[1], (Side::Local, Ack::Token(t)) if t == "b"));
     }
 }
