@@ -232,6 +232,75 @@ async fn conditional_apply_refuses_a_stale_expectation(kind: Kind, layout: Layou
     );
 }
 
+/// A batch of writes (one apply call, as the engine makes) decides each write on its own terms:
+/// new records go in, updates with the right expectation apply, a stale expectation and a
+/// create racing a client's create are refused, a replay changes nothing, and a delete in the
+/// batch applies.
+async fn a_batch_decides_each_write_on_its_own(kind: Kind, layout: Layout) {
+    let (ts, store, c) = open(kind, layout).await;
+    let t = now_ms();
+    for id in ["u", "s", "r", "d"] {
+        apply_one(&store, &c, upsert(&c, id, "v1", t), None).await;
+    }
+    let mut seen = Vec::new();
+    for id in ["u", "s", "r", "d"] {
+        seen.push(present(read_one(&store, &c, id).await).etag);
+    }
+    // Behind the bridge's back: `s` is edited and `raced` created.
+    ts.put(
+        &c,
+        "s",
+        &json!({ "name": "client", "updatedAt": format_ts(t + 5) }),
+    );
+    ts.put(
+        &c,
+        "raced",
+        &json!({ "name": "client", "updatedAt": format_ts(t + 5) }),
+    );
+    let write = |record: ChangeRecord, expected: Option<&String>| Write {
+        record,
+        expected: expected.cloned(),
+    };
+    let outcomes = store
+        .apply(
+            &c,
+            &[
+                write(upsert(&c, "new", "fresh", t + 1), None),
+                write(upsert(&c, "u", "v2", t + 1), Some(&seen[0])),
+                write(upsert(&c, "s", "bridge", t + 1), Some(&seen[1])),
+                write(upsert(&c, "r", "v1", t), None),
+                write(upsert(&c, "raced", "bridge", t + 1), None),
+                write(delete(&c, "d", t + 1), Some(&seen[3])),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            ApplyOutcome::Applied,
+            ApplyOutcome::Applied,
+            ApplyOutcome::Conflict,
+            ApplyOutcome::Unchanged,
+            ApplyOutcome::Conflict,
+            ApplyOutcome::Applied,
+        ]
+    );
+    for (id, want) in [
+        ("new", Some("fresh")),
+        ("u", Some("v2")),
+        ("s", Some("client")),
+        ("raced", Some("client")),
+        ("d", None),
+    ] {
+        let got = match read_one(&store, &c, id).await {
+            Slot::Present(r) => r.doc["name"].as_str().map(str::to_string),
+            _ => None,
+        };
+        assert_eq!(got.as_deref(), want, "{id}");
+    }
+}
+
 /// Scans find what changed since a time, page by page, each record once.
 async fn scan_since_pages_through_changes(kind: Kind, layout: Layout) {
     let (_ts, store, c) = open(kind, layout).await;
@@ -545,6 +614,15 @@ macro_rules! conformance {
                     return;
                 }
                 super::conditional_apply_refuses_a_stale_expectation($kind, $layout).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$gate])*
+            async fn a_batch_decides_each_write_on_its_own() {
+                if !common::available($kind) {
+                    return;
+                }
+                super::a_batch_decides_each_write_on_its_own($kind, $layout).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -855,6 +855,118 @@ impl SqlStore {
     }
 
     /// Applies one write inside the transaction, returning its outcome.
+    /// MySQL's batch of writes with distinct ids. MySQL has no `UPDATE … RETURNING` to say
+    /// which rows of one statement applied, so the rows are read first with `FOR UPDATE` (which
+    /// locks each row, and the gap an absent one would go in, until the commit), each upsert's
+    /// expectation is checked against that read, and the upserts that hold go in one multi-row
+    /// `INSERT … ON DUPLICATE KEY UPDATE`. One statement per write cost a round trip each and
+    /// capped writes into MySQL at about 1,500/s on our machines. A statement the server
+    /// refuses is rolled back to a savepoint and the writes go one by one, as before.
+    async fn apply_batch_mysql(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        collection: &str,
+        writes: &[Write],
+    ) -> Result<Vec<ApplyOutcome>> {
+        let d = self.dialect;
+        let mut outcomes: Vec<Option<ApplyOutcome>> = vec![None; writes.len()];
+        let mut batch = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            let in_range =
+                (MYSQL_TS_RANGE_MS.0..=MYSQL_TS_RANGE_MS.1).contains(&w.record.updated_at_ms);
+            if w.record.op == Op::Upsert && w.record.doc.is_some() && in_range {
+                batch.push(i);
+            } else {
+                // Deletes (rare) and writes MySQL refuses go one by one.
+                outcomes[i] = Some(self.apply_one(tx, collection, w).await?);
+            }
+        }
+        if !batch.is_empty() {
+            let sql = format!(
+                "SELECT {} FROM \"{collection}\" WHERE id IN ({}) FOR UPDATE",
+                self.select_cols(),
+                vec!["?"; batch.len()].join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for &i in &batch {
+                q = q.bind(writes[i].record.id.clone());
+            }
+            let mut current: HashMap<String, Slot> = HashMap::new();
+            for row in q.fetch_all(&mut **tx).await? {
+                let id: String = row.try_get("id")?;
+                let slot = Self::row_slot(
+                    &id,
+                    &row.try_get::<String, _>("ts")?,
+                    &row.try_get::<String, _>("doc")?,
+                );
+                current.insert(id, slot);
+            }
+            let mut go = Vec::new();
+            for &i in &batch {
+                let w = &writes[i];
+                let cur = current.get(&w.record.id);
+                let holds = match (cur, &w.expected) {
+                    (None, None) => true,
+                    (Some(Slot::Present(r)), Some(etag)) => &r.etag == etag,
+                    _ => false,
+                };
+                if holds {
+                    go.push(i);
+                    continue;
+                }
+                // Not applicable: a replay of what is there already, or the record moved on.
+                let doc = w.record.doc.as_ref().expect("upserts carry a document");
+                outcomes[i] = Some(match cur {
+                    Some(Slot::Present(r)) if canonical_hash(&r.doc) == canonical_hash(doc) => {
+                        ApplyOutcome::Unchanged
+                    }
+                    _ => ApplyOutcome::Conflict,
+                });
+            }
+            if !go.is_empty() {
+                let sql = format!(
+                    "INSERT INTO \"{collection}\" (id, doc, updated_at) VALUES {} \
+                     ON DUPLICATE KEY UPDATE doc = VALUES(doc), updated_at = VALUES(updated_at)",
+                    vec![format!("(?, ?, {})", d.p_ts(0)); go.len()].join(",")
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for &i in &go {
+                    let r = &writes[i].record;
+                    q = q
+                        .bind(r.id.clone())
+                        .bind(canonical_json(
+                            r.doc.as_ref().expect("upserts carry a document"),
+                        ))
+                        .bind(format_ts(r.updated_at_ms));
+                }
+                sqlx::query("SAVEPOINT syncbridge_batch")
+                    .execute(&mut **tx)
+                    .await?;
+                match q.execute(&mut **tx).await {
+                    Ok(_) => {
+                        for &i in &go {
+                            outcomes[i] = Some(ApplyOutcome::Applied);
+                        }
+                    }
+                    Err(sqlx::Error::Database(e)) => {
+                        debug!(error = %e, "MySQL refused a batch; applying its writes one by one");
+                        sqlx::query("ROLLBACK TO SAVEPOINT syncbridge_batch")
+                            .execute(&mut **tx)
+                            .await?;
+                        for &i in &go {
+                            outcomes[i] = Some(self.apply_one(tx, collection, &writes[i]).await?);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every write has an outcome"))
+            .collect())
+    }
+
     async fn apply_one(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -1456,17 +1568,19 @@ impl Store for SqlStore {
         let ids: HashSet<&str> = writes.iter().map(|w| w.record.id.as_str()).collect();
         // MySQL has no UPDATE ... RETURNING to tell which rows of a batch statement applied:
         // its writes go one statement each, still in one transaction.
-        let outcomes =
-            if ids.len() == writes.len() && writes.len() > 1 && self.dialect != Dialect::Mysql {
-                self.apply_batch(&mut tx, collection, writes).await?
-            } else {
-                // One write, or an id twice (order matters then): statement by statement.
-                let mut outcomes = Vec::with_capacity(writes.len());
-                for w in writes {
-                    outcomes.push(self.apply_one(&mut tx, collection, w).await?);
-                }
-                outcomes
-            };
+        let distinct = ids.len() == writes.len() && writes.len() > 1;
+        let outcomes = if distinct && self.dialect == Dialect::Mysql {
+            self.apply_batch_mysql(&mut tx, collection, writes).await?
+        } else if distinct {
+            self.apply_batch(&mut tx, collection, writes).await?
+        } else {
+            // One write, or an id twice (order matters then): statement by statement.
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                outcomes.push(self.apply_one(&mut tx, collection, w).await?);
+            }
+            outcomes
+        };
         tx.commit().await?;
         Ok(outcomes)
     }
