@@ -4,20 +4,16 @@
 
 mod common;
 
-use common::{Kind, TestBridge, TestStore, collection, config, data_dir, eventually, path};
+use common::{
+    Kind, TestBridge, TestStore, collection, config, data_dir, eventually, name_of, path,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 use syncbridge::engine::policy::Mode;
 use syncbridge::record::{canonical_hash, format_ts, now_ms, with_updated_at};
 
 fn doc(name: &str, at_ms: i64) -> Value {
-    json!({ "name": name, "updatedAt": format_ts(at_ms) })
-}
-
-fn name_of(store: &TestStore, coll: &str, id: &str) -> Option<String> {
-    store
-        .get(coll, id)
-        .map(|d| d["name"].as_str().unwrap_or_default().to_string())
+    common::named(name, at_ms)
 }
 
 async fn same_everywhere(

@@ -10,21 +10,15 @@
 
 mod common;
 
-use common::{DEADLINE, Kind, TestStore, collection, data_dir, eventually};
-use serde_json::{Value, json};
+use common::{DEADLINE, Kind, TestStore, collection, data_dir, eventually, name_of};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use syncbridge::record::{format_ts, now_ms};
+use syncbridge::record::now_ms;
 
 fn doc(name: &str, at_ms: i64) -> Value {
-    json!({ "name": name, "updatedAt": format_ts(at_ms) })
-}
-
-fn name_of(store: &TestStore, coll: &str, id: &str) -> Option<String> {
-    store
-        .get(coll, id)
-        .map(|d| d["name"].as_str().unwrap_or_default().to_string())
+    common::named(name, at_ms)
 }
 
 /// The binary on a config file, its stderr in a log file (appended across runs).

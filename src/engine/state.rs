@@ -33,6 +33,15 @@ pub struct Pending {
     pub targets: Vec<Side>,
 }
 
+/// The version in columns 1-3 (`updated_at_ms, hash, deleted`) of an `agreed` or `pending` row.
+fn version_at(row: &sqlx::sqlite::SqliteRow) -> Version {
+    Version {
+        updated_at_ms: row.get(1),
+        hash: row.get(2),
+        deleted: row.get::<i64, _>(3) != 0,
+    }
+}
+
 fn side_bit(side: Side) -> i64 {
     match side {
         Side::Local => 1,
@@ -119,14 +128,7 @@ impl StateDb {
             qb.push_bind(collection).push(" AND id");
             push_in(&mut qb, chunk);
             for row in qb.build().fetch_all(&self.pool).await? {
-                out.insert(
-                    row.get::<String, _>(0),
-                    Version {
-                        updated_at_ms: row.get(1),
-                        hash: row.get(2),
-                        deleted: row.get::<i64, _>(3) != 0,
-                    },
-                );
+                out.insert(row.get::<String, _>(0), version_at(&row));
             }
         }
         Ok(out)
@@ -150,11 +152,7 @@ impl StateDb {
                 out.insert(
                     row.get::<String, _>(0),
                     Pending {
-                        version: Version {
-                            updated_at_ms: row.get(1),
-                            hash: row.get(2),
-                            deleted: row.get::<i64, _>(3) != 0,
-                        },
+                        version: version_at(&row),
                         targets: [Side::Local, Side::Cloud]
                             .into_iter()
                             .filter(|s| mask & side_bit(*s) != 0)

@@ -641,6 +641,18 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// A document `{name, updatedAt}`, the shape the bridge scenarios write.
+pub fn named(name: &str, at_ms: i64) -> Value {
+    serde_json::json!({ "name": name, "updatedAt": syncbridge::record::format_ts(at_ms) })
+}
+
+/// The `name` of a record as `store` holds it, `None` if it holds none.
+pub fn name_of(store: &TestStore, coll: &str, id: &str) -> Option<String> {
+    store
+        .get(coll, id)
+        .map(|d| d["name"].as_str().unwrap_or_default().to_string())
+}
+
 /// A data directory for a bridge.
 pub fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
