@@ -373,6 +373,8 @@ impl Store for RedisStore {
                         Slot::Present(r) => {
                             (Op::Upsert, Some(r.doc), r.updated_at_ms.unwrap_or(observed))
                         }
+                        // When it was seen, an upper bound only: the engine does not date
+                        // the delete by it (`delete_times` is false for Redis).
                         Slot::Absent => (Op::Delete, None, observed),
                         Slot::Invalid(reason) => {
                             // The engine re-reads, counts and reports it; keep the key flowing.
