@@ -218,7 +218,16 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
         } => {
             let engine = Engine::open(Config::load(config.config.as_deref())?).await?;
-            engine.prepare().await?;
+            // Preparing takes table locks; against live writers it can lose a deadlock.
+            let mut attempt = 1;
+            while let Err(e) = engine.prepare().await {
+                if attempt == 5 || !crate::stores::is_transient(&e) {
+                    return Err(e);
+                }
+                tracing::warn!(error = %format!("{e:#}"), attempt, "preparing the stores deadlocked; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                attempt += 1;
+            }
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = ProgressBar::new_spinner();
                 bar.set_style(

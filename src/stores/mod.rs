@@ -288,6 +288,18 @@ pub fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Fatal>())
 }
 
+/// Whether `e` is a deadlock or serialization failure the database resolved by aborting our
+/// transaction (PostgreSQL `40P01`/`40001`, MySQL 1213): running it again is the remedy. A
+/// one-shot `syncbridge sync` preparing tables while an application writes to them met one.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|db| db.code())
+            .is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001" | "1213" | "40000"))
+    })
+}
+
 /// Settings a store takes from the configuration rather than its URI.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
