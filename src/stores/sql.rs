@@ -842,19 +842,11 @@ impl SqlStore {
                 if applied.contains(&w.record.id) {
                     return ApplyOutcome::Applied;
                 }
-                match (current.remove(&w.record.id), &w.record.doc) {
-                    (Some(Slot::Present(cur)), Some(doc))
-                        if canonical_hash(&cur.doc) == canonical_hash(doc) =>
-                    {
-                        ApplyOutcome::Unchanged
-                    }
-                    _ => ApplyOutcome::Conflict,
-                }
+                not_applied(current.get(&w.record.id).unwrap_or(&Slot::Absent), w)
             })
             .collect())
     }
 
-    /// Applies one write inside the transaction, returning its outcome.
     /// MySQL's batch of writes with distinct ids. MySQL has no `UPDATE … RETURNING` to say
     /// which rows of one statement applied, so the rows are read first with `FOR UPDATE` (which
     /// locks each row, and the gap an absent one would go in, until the commit), each upsert's
@@ -914,14 +906,7 @@ impl SqlStore {
                     go.push(i);
                     continue;
                 }
-                // Not applicable: a replay of what is there already, or the record moved on.
-                let doc = w.record.doc.as_ref().expect("upserts carry a document");
-                outcomes[i] = Some(match cur {
-                    Some(Slot::Present(r)) if canonical_hash(&r.doc) == canonical_hash(doc) => {
-                        ApplyOutcome::Unchanged
-                    }
-                    _ => ApplyOutcome::Conflict,
-                });
+                outcomes[i] = Some(not_applied(cur.unwrap_or(&Slot::Absent), w));
             }
             if !go.is_empty() {
                 let sql = format!(
@@ -967,6 +952,7 @@ impl SqlStore {
             .collect())
     }
 
+    /// Applies one write inside the transaction, returning its outcome.
     async fn apply_one(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -1083,15 +1069,21 @@ impl SqlStore {
             .await?
             .pop()
             .unwrap_or(Slot::Absent);
-        Ok(match (current, &w.record.doc, w.record.op) {
-            (Slot::Absent, _, Op::Delete) => ApplyOutcome::Unchanged,
-            (Slot::Present(cur), Some(doc), Op::Upsert)
-                if canonical_hash(&cur.doc) == canonical_hash(doc) =>
-            {
-                ApplyOutcome::Unchanged
-            }
-            _ => ApplyOutcome::Conflict,
-        })
+        Ok(not_applied(&current, w))
+    }
+}
+
+/// The outcome of a conditional write that did not apply, from what the store holds now: a
+/// replay of what is there already (`Unchanged`), or the record moved on (`Conflict`).
+fn not_applied(current: &Slot, w: &Write) -> ApplyOutcome {
+    match (current, &w.record.doc, w.record.op) {
+        (Slot::Absent, _, Op::Delete) => ApplyOutcome::Unchanged,
+        (Slot::Present(cur), Some(doc), Op::Upsert)
+            if canonical_hash(&cur.doc) == canonical_hash(doc) =>
+        {
+            ApplyOutcome::Unchanged
+        }
+        _ => ApplyOutcome::Conflict,
     }
 }
 
